@@ -102,6 +102,26 @@ def test_tokenizer_only_its_shipped_code_implements_is_refused_with_the_way_out(
     assert load_tokenizer(folder)(text)["input_ids"] == load_tokenizer(tiny_model_dir)(text)["input_ids"]
 
 
+def test_a_tokenizer_transformers_implements_is_not_blamed_on_its_auto_map(tiny_model_dir, tmp_path, questions):
+    """A tokenizer_config.json naming a class transformers has keeps its auto_map (as config.json does, see the
+    model test above): a failure of its own files is reported as such, not as shipped code qlora will not run
+    (whose way out, PreTrainedTokenizerFast, the folder already names)."""
+    from qlora.model.load import load_tokenizer
+
+    folder = tmp_path / "known_tokenizer"
+    shutil.copytree(tiny_model_dir, folder)
+    _ship(folder, "tokenizer_config.json", {"AutoTokenizer": ["tokenization_my.MyTokenizer", None]},
+          {"tokenization_my.py": "raise SystemExit('shipped code ran')\n"}, tokenizer_class="PreTrainedTokenizerFast")
+    text = "The quick brown fox"
+    assert load_tokenizer(folder)(text)["input_ids"] == load_tokenizer(tiny_model_dir)(text)["input_ids"]
+    (folder / "tokenizer.json").write_text("{damaged")
+    with pytest.raises(UsageError) as err:
+        load_tokenizer(folder)
+    message = str(err.value)
+    assert "could not be loaded" in message and "tokenization_my.py" not in message and "auto_map" not in message
+    assert not (folder / _MARKER).exists() and not questions
+
+
 def test_a_cached_hub_config_naming_shipped_code_is_refused_by_estimate(tmp_path, monkeypatch, capsys, questions):
     """``qlora estimate ORG/NAME`` reads the config from the hub (here its cache): the same refusal, no question."""
     from transformers import LlamaConfig

@@ -57,7 +57,10 @@ def model_code_error(config_file: Path) -> UsageError | None:
 
 def tokenizer_code_error(folder: Path) -> UsageError | None:
     """Why the tokenizer in ``folder`` cannot be built (its class exists only as code the folder ships), or None
-    when neither tokenizer_config.json nor config.json names tokenizer code."""
+    when neither tokenizer_config.json nor config.json names tokenizer code, or tokenizer_config.json names a
+    class transformers implements (built from transformers' own class, so something else failed)."""
+    if _known_tokenizer_class(folder / "tokenizer_config.json"):
+        return None
     source = folder / "tokenizer_config.json"
     files = shipped_code(source, "AutoTokenizer")
     if not files:
@@ -70,6 +73,21 @@ def tokenizer_code_error(folder: Path) -> UsageError | None:
                       "(transformers' trust_remote_code). Where the folder holds a tokenizer.json, set "
                       "\"tokenizer_class\": \"PreTrainedTokenizerFast\" in tokenizer_config.json and remove its "
                       "auto_map: transformers then reads tokenizer.json without that code.")
+
+
+def _known_tokenizer_class(tokenizer_config: Path) -> bool:
+    """Whether ``tokenizer_config``'s ``tokenizer_class`` is one transformers implements (slow or fast), which
+    ``AutoTokenizer`` builds without the shipped code, as it decides."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:
+        name = json.loads(tokenizer_config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(name, str) or not name:
+        return False
+    name = name.removesuffix("Fast")
+    return tokenizer_class_from_name(name) is not None or tokenizer_class_from_name(name + "Fast") is not None
 
 
 def processor_code_error(model_dir: str | Path, model_type: str) -> UsageError | None:
