@@ -199,3 +199,23 @@ def test_a_processor_transformers_implements_is_its_own_despite_a_shipped_auto_m
     assert type(ours) is type(AutoProcessor.from_pretrained(folder, trust_remote_code=False))
     assert type(ours).__name__ == "LlavaProcessor"
     assert not (folder / _MARKER).exists() and not questions
+
+
+def test_a_processor_transformers_implements_is_not_blamed_on_its_auto_map(tmp_path, questions):
+    """Beside transformers' own LlavaProcessor, an auto_map to processor code the folder's classes do not name: a
+    failure of the folder's own settings (an image processor class no one implements) is reported as transformers'
+    error, not as shipped code whose way out (name LlavaProcessor) the folder already took."""
+    from qlora.model.image_processor import load_image_processor
+
+    folder, _ = _image_model(tmp_path, "llava")
+    _ship(folder, "processor_config.json", {"AutoProcessor": "processing_my.MyProcessor"},
+          {"processing_my.py": "raise SystemExit('shipped code ran')\n"})
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    model, tokenizer = qlora.load_model(folder, quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError) as err:
+        load_image_processor(folder, model, tokenizer, "row 1")
+    message = str(err.value)
+    assert "processing_my.py" not in message and "auto_map" not in message and "image processor" in message
+    assert not (folder / _MARKER).exists() and not questions

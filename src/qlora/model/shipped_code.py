@@ -103,6 +103,8 @@ def processor_code_error(model_dir: str | Path, model_type: str) -> UsageError |
             break
     else:
         return None
+    if not _names_shipped_class(source, ("processor_class", "image_processor_type")):
+        return None  # transformers' own classes are built, as AutoProcessor decides: something else failed
     own = PROCESSOR_MAPPING_NAMES.get(model_type)
     way_out = (f"transformers implements the processor of {model_type} models ({own}): where the shipped classes "
                f"take images as transformers' do, remove the auto_map from {source.name} and name transformers' "
@@ -112,6 +114,25 @@ def processor_code_error(model_dir: str | Path, model_type: str) -> UsageError |
     return UsageError(f"{source}: the model's processor is implemented only by the code shipped with the model "
                       f"({', '.join(files)}, named by its auto_map), and qlora runs no code from a model folder "
                       f"(transformers' trust_remote_code). {way_out}")
+
+
+def _names_shipped_class(json_file: Path, fields: tuple[str, ...]) -> bool:
+    """Whether ``json_file`` names in ``fields`` (at the top, or in a part of it: processor_config.json's
+    ``image_processor``) a class its ``auto_map`` defines and transformers does not, or names no class at all;
+    False where every class it names is another (transformers' own: the shipped code is not what is built)."""
+    import transformers
+
+    try:
+        data = json.loads(json_file.read_text())
+    except (OSError, ValueError):
+        return True
+    parts = [data, *(v for v in data.values() if isinstance(v, dict))] if isinstance(data, dict) else []
+    names = [part[f] for part in parts for f in fields if isinstance(part.get(f), str)]
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    refs = [r for ref in (auto_map.values() if isinstance(auto_map, dict) else ())
+            for r in (ref if isinstance(ref, (list, tuple)) else [ref]) if isinstance(r, str)]
+    shipped = {r.rpartition(".")[2] for r in refs}
+    return not names or any(n in shipped and getattr(transformers, n, None) is None for n in names)
 
 
 def _folder_file(model_dir: str | Path, name: str) -> Path | None:
