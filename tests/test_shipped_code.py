@@ -219,3 +219,24 @@ def test_a_processor_transformers_implements_is_not_blamed_on_its_auto_map(tmp_p
     message = str(err.value)
     assert "processing_my.py" not in message and "auto_map" not in message and "image processor" in message
     assert not (folder / _MARKER).exists() and not questions
+
+
+def test_shipped_image_processor_is_named_beside_transformers_own_processor(tmp_path, questions):
+    """transformers' LlavaProcessor named (beside an auto_map) in processor_config.json, the image processor only
+    the shipped code implements in preprocessor_config.json: refused naming that file and its code."""
+    from qlora.model.image_processor import load_image_processor
+
+    folder, _ = _image_model(tmp_path, "llava")
+    _ship(folder, "processor_config.json", {"AutoProcessor": "processing_my.MyProcessor"},
+          {"processing_my.py": "raise SystemExit('shipped code ran')\n"})
+    config = json.loads((folder / "processor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(config.pop("image_processor")))
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    _ship(folder, "preprocessor_config.json", {"AutoImageProcessor": "image_processing_my.MyImageProcessor"},
+          {"image_processing_my.py": "raise SystemExit('shipped code ran')\n"}, image_processor_type="MyImageProcessor")
+    model, tokenizer = qlora.load_model(folder, quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError) as err:
+        load_image_processor(folder, model, tokenizer, "row 1")
+    message = str(err.value)
+    assert f"{folder / 'preprocessor_config.json'}: " in message and "image_processing_my.py" in message
+    assert not (folder / _MARKER).exists() and not questions

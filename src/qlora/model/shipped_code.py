@@ -99,12 +99,11 @@ def processor_code_error(model_dir: str | Path, model_type: str) -> UsageError |
     for name in ("processor_config.json", "preprocessor_config.json"):
         source = _folder_file(model_dir, name)
         files = shipped_code(source) if source is not None else []
-        if files:
+        # where the file names transformers' own classes, those are built (as AutoProcessor decides)
+        if files and _names_shipped_class(source, ("processor_class", "image_processor_type")):
             break
     else:
-        return None
-    if not _names_shipped_class(source, ("processor_class", "image_processor_type")):
-        return None  # transformers' own classes are built, as AutoProcessor decides: something else failed
+        return None  # none of the shipped code is what is built: something else failed
     own = PROCESSOR_MAPPING_NAMES.get(model_type)
     way_out = (f"transformers implements the processor of {model_type} models ({own}): where the shipped classes "
                f"take images as transformers' do, remove the auto_map from {source.name} and name transformers' "
