@@ -211,8 +211,13 @@ def test_a_processor_transformers_implements_is_not_blamed_on_its_auto_map(tmp_p
     _ship(folder, "processor_config.json", {"AutoProcessor": "processing_my.MyProcessor"},
           {"processing_my.py": "raise SystemExit('shipped code ran')\n"})
     config = json.loads((folder / "processor_config.json").read_text())
-    config["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
-    (folder / "processor_config.json").write_text(json.dumps(config))
+    if "image_processor" in config:  # transformers 5 keeps it there, 4.x in preprocessor_config.json
+        config["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
+        (folder / "processor_config.json").write_text(json.dumps(config))
+    else:
+        images = json.loads((folder / "preprocessor_config.json").read_text())
+        (folder / "preprocessor_config.json").write_text(json.dumps({**images,
+                                                                     "image_processor_type": "NoSuchImageProcessor"}))
     model, tokenizer = qlora.load_model(folder, quant=None, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(UsageError) as err:
         load_image_processor(folder, model, tokenizer, "row 1")
@@ -230,8 +235,9 @@ def test_shipped_image_processor_is_named_beside_transformers_own_processor(tmp_
     _ship(folder, "processor_config.json", {"AutoProcessor": "processing_my.MyProcessor"},
           {"processing_my.py": "raise SystemExit('shipped code ran')\n"})
     config = json.loads((folder / "processor_config.json").read_text())
-    (folder / "preprocessor_config.json").write_text(json.dumps(config.pop("image_processor")))
-    (folder / "processor_config.json").write_text(json.dumps(config))
+    if "image_processor" in config:  # transformers 5 keeps it there, 4.x in preprocessor_config.json already
+        (folder / "preprocessor_config.json").write_text(json.dumps(config.pop("image_processor")))
+        (folder / "processor_config.json").write_text(json.dumps(config))
     _ship(folder, "preprocessor_config.json", {"AutoImageProcessor": "image_processing_my.MyImageProcessor"},
           {"image_processing_my.py": "raise SystemExit('shipped code ran')\n"}, image_processor_type="MyImageProcessor")
     model, tokenizer = qlora.load_model(folder, quant=None, compute_dtype=torch.float32, device="cpu")
