@@ -115,7 +115,10 @@ _IMPORTED = time.time()
 def _running(pid: int, leftover: Path) -> bool:
     """Whether the writer of ``leftover``, process ``pid``, may still be writing."""
     if pid == os.getpid():
-        return leftover.lstat().st_mtime >= _IMPORTED
+        try:
+            return leftover.lstat().st_mtime >= _IMPORTED
+        except FileNotFoundError:  # moved by another process's tidy a moment ago: nothing to do here
+            return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
