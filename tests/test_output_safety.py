@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -464,6 +465,28 @@ def test_a_sharded_save_over_a_one_file_one_in_a_users_folder_loads_the_new_weig
     qlora.save_merged(plain, out, tokenizer)  # and back: no shard of the sharded save is left
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
     assert (out / "README.md").read_text() == "my model card"
+
+
+def test_a_killed_save_of_a_process_with_this_ones_id_is_cleared_or_put_back(tmp_path):
+    """A restarted container gives its process the id the killed one had (1, or another small id, each time): the
+    killed save's folders, older than this process, are its, not a save under way here. The content set aside
+    between the two renames is put back, the half-written copy removed; a folder of this id made since is kept."""
+    from qlora.atomic import atomic_dir, clear_leftovers
+
+    pid = os.getpid()
+    old, half = tmp_path / f".out.old-{pid}", tmp_path / f".out.tmp-{pid}-k1ll3d_x"
+    for folder, text in ((old, "1"), (half, "2")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        os.utime(folder, (time.time() - 3600, time.time() - 3600))  # before this process started
+    fresh = tmp_path / f".other.tmp-{pid}-l1v3_abc"
+    fresh.mkdir()
+    clear_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", fresh.name])
+    assert (tmp_path / "out" / "config.json").read_text() == "1"
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "config.json").write_text("3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", fresh.name])
 
 
 _KILLED_SAVE = """

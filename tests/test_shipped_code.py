@@ -102,6 +102,26 @@ def test_tokenizer_only_its_shipped_code_implements_is_refused_with_the_way_out(
     assert load_tokenizer(folder)(text)["input_ids"] == load_tokenizer(tiny_model_dir)(text)["input_ids"]
 
 
+def test_a_tokenizer_transformers_implements_is_not_blamed_on_its_auto_map(tiny_model_dir, tmp_path, questions):
+    """A tokenizer_config.json naming a class transformers has keeps its auto_map (as config.json does, see the
+    model test above): a failure of its own files is reported as such, not as shipped code qlora will not run
+    (whose way out, PreTrainedTokenizerFast, the folder already names)."""
+    from qlora.model.load import load_tokenizer
+
+    folder = tmp_path / "known_tokenizer"
+    shutil.copytree(tiny_model_dir, folder)
+    _ship(folder, "tokenizer_config.json", {"AutoTokenizer": ["tokenization_my.MyTokenizer", None]},
+          {"tokenization_my.py": "raise SystemExit('shipped code ran')\n"}, tokenizer_class="PreTrainedTokenizerFast")
+    text = "The quick brown fox"
+    assert load_tokenizer(folder)(text)["input_ids"] == load_tokenizer(tiny_model_dir)(text)["input_ids"]
+    (folder / "tokenizer.json").write_text("{damaged")
+    with pytest.raises(UsageError) as err:
+        load_tokenizer(folder)
+    message = str(err.value)
+    assert "could not be loaded" in message and "tokenization_my.py" not in message and "auto_map" not in message
+    assert not (folder / _MARKER).exists() and not questions
+
+
 def test_a_cached_hub_config_naming_shipped_code_is_refused_by_estimate(tmp_path, monkeypatch, capsys, questions):
     """``qlora estimate ORG/NAME`` reads the config from the hub (here its cache): the same refusal, no question."""
     from transformers import LlamaConfig
@@ -178,4 +198,51 @@ def test_a_processor_transformers_implements_is_its_own_despite_a_shipped_auto_m
     ours = load_image_processor(folder, model, tokenizer, "row 1")
     assert type(ours) is type(AutoProcessor.from_pretrained(folder, trust_remote_code=False))
     assert type(ours).__name__ == "LlavaProcessor"
+    assert not (folder / _MARKER).exists() and not questions
+
+
+def test_a_processor_transformers_implements_is_not_blamed_on_its_auto_map(tmp_path, questions):
+    """Beside transformers' own LlavaProcessor, an auto_map to processor code the folder's classes do not name: a
+    failure of the folder's own settings (an image processor class no one implements) is reported as transformers'
+    error, not as shipped code whose way out (name LlavaProcessor) the folder already took."""
+    from qlora.model.image_processor import load_image_processor
+
+    folder, _ = _image_model(tmp_path, "llava")
+    _ship(folder, "processor_config.json", {"AutoProcessor": "processing_my.MyProcessor"},
+          {"processing_my.py": "raise SystemExit('shipped code ran')\n"})
+    config = json.loads((folder / "processor_config.json").read_text())
+    if "image_processor" in config:  # transformers 5 keeps it there, 4.x in preprocessor_config.json
+        config["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
+        (folder / "processor_config.json").write_text(json.dumps(config))
+    else:
+        images = json.loads((folder / "preprocessor_config.json").read_text())
+        (folder / "preprocessor_config.json").write_text(json.dumps({**images,
+                                                                     "image_processor_type": "NoSuchImageProcessor"}))
+    model, tokenizer = qlora.load_model(folder, quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError) as err:
+        load_image_processor(folder, model, tokenizer, "row 1")
+    message = str(err.value)
+    assert "processing_my.py" not in message and "auto_map" not in message and "image processor" in message
+    assert not (folder / _MARKER).exists() and not questions
+
+
+def test_shipped_image_processor_is_named_beside_transformers_own_processor(tmp_path, questions):
+    """transformers' LlavaProcessor named (beside an auto_map) in processor_config.json, the image processor only
+    the shipped code implements in preprocessor_config.json: refused naming that file and its code."""
+    from qlora.model.image_processor import load_image_processor
+
+    folder, _ = _image_model(tmp_path, "llava")
+    _ship(folder, "processor_config.json", {"AutoProcessor": "processing_my.MyProcessor"},
+          {"processing_my.py": "raise SystemExit('shipped code ran')\n"})
+    config = json.loads((folder / "processor_config.json").read_text())
+    if "image_processor" in config:  # transformers 5 keeps it there, 4.x in preprocessor_config.json already
+        (folder / "preprocessor_config.json").write_text(json.dumps(config.pop("image_processor")))
+        (folder / "processor_config.json").write_text(json.dumps(config))
+    _ship(folder, "preprocessor_config.json", {"AutoImageProcessor": "image_processing_my.MyImageProcessor"},
+          {"image_processing_my.py": "raise SystemExit('shipped code ran')\n"}, image_processor_type="MyImageProcessor")
+    model, tokenizer = qlora.load_model(folder, quant=None, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(UsageError) as err:
+        load_image_processor(folder, model, tokenizer, "row 1")
+    message = str(err.value)
+    assert f"{folder / 'preprocessor_config.json'}: " in message and "image_processing_my.py" in message
     assert not (folder / _MARKER).exists() and not questions

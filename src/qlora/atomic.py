@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -106,7 +107,18 @@ def _nearly_full(path: Path) -> bool:
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(-[^/]*)?")
 
 
-def _running(pid: int) -> bool:
+# this process writes nothing before it imports this module: a folder of its own id older than that is a killed
+# process's whose id it was given again (a restarted container's process is 1, or another small id, each time)
+_IMPORTED = time.time()
+
+
+def _running(pid: int, leftover: Path) -> bool:
+    """Whether the writer of ``leftover``, process ``pid``, may still be writing."""
+    if pid == os.getpid():
+        try:
+            return leftover.lstat().st_mtime >= _IMPORTED
+        except FileNotFoundError:  # moved by another process's tidy a moment ago: nothing to do here
+            return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -127,8 +139,8 @@ def clear_leftovers(folder: Path, name: str | None = None) -> None:
         return
     for path in sorted(folder.iterdir()):
         found = _LEFTOVER.fullmatch(path.name)
-        if (not found or (name is not None and found["name"] != name) or _running(int(found["pid"]))
-                or not path.is_dir() or path.is_symlink()):
+        if (not found or (name is not None and found["name"] != name) or not path.is_dir()
+                or path.is_symlink() or _running(int(found["pid"]), path)):
             continue
         target = folder / found["name"]
         if found["kind"] == "old" and not (target.exists() or target.is_symlink()):

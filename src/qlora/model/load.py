@@ -804,7 +804,11 @@ def load_tokenizer(folder: str | Path):
                          f"tokenizer.model, vocab.json...). {needs}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, ImportError, TypeError) as exc:  # 4.x: TypeError for a vocabulary file missing
+    except Exception as exc:  # noqa: BLE001 - narrowed below
+        # 4.x: TypeError for a vocabulary file missing; the tokenizers library's own errors (a damaged
+        # tokenizer.json under 4.x) are plain Exceptions
+        if not (isinstance(exc, (OSError, ValueError, ImportError, TypeError)) or type(exc) is Exception):
+            raise
         custom = tokenizer_code_error(folder) if isinstance(exc, ValueError) else None
         if custom is not None:
             raise custom from None

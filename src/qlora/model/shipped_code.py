@@ -57,7 +57,10 @@ def model_code_error(config_file: Path) -> UsageError | None:
 
 def tokenizer_code_error(folder: Path) -> UsageError | None:
     """Why the tokenizer in ``folder`` cannot be built (its class exists only as code the folder ships), or None
-    when neither tokenizer_config.json nor config.json names tokenizer code."""
+    when neither tokenizer_config.json nor config.json names tokenizer code, or tokenizer_config.json names a
+    class transformers implements (built from transformers' own class, so something else failed)."""
+    if _known_tokenizer_class(folder / "tokenizer_config.json"):
+        return None
     source = folder / "tokenizer_config.json"
     files = shipped_code(source, "AutoTokenizer")
     if not files:
@@ -72,6 +75,21 @@ def tokenizer_code_error(folder: Path) -> UsageError | None:
                       "auto_map: transformers then reads tokenizer.json without that code.")
 
 
+def _known_tokenizer_class(tokenizer_config: Path) -> bool:
+    """Whether ``tokenizer_config``'s ``tokenizer_class`` is one transformers implements (slow or fast), which
+    ``AutoTokenizer`` builds without the shipped code, as it decides."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:
+        name = json.loads(tokenizer_config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(name, str) or not name:
+        return False
+    name = name.removesuffix("Fast")
+    return tokenizer_class_from_name(name) is not None or tokenizer_class_from_name(name + "Fast") is not None
+
+
 def processor_code_error(model_dir: str | Path, model_type: str) -> UsageError | None:
     """Why the processor of ``model_dir`` (a folder, or a hub id in the cache) cannot be built (a class of it exists
     only as code the folder ships), or None when neither processor_config.json nor preprocessor_config.json names
@@ -81,10 +99,11 @@ def processor_code_error(model_dir: str | Path, model_type: str) -> UsageError |
     for name in ("processor_config.json", "preprocessor_config.json"):
         source = _folder_file(model_dir, name)
         files = shipped_code(source) if source is not None else []
-        if files:
+        # where the file names transformers' own classes, those are built (as AutoProcessor decides)
+        if files and _names_shipped_class(source, ("processor_class", "image_processor_type")):
             break
     else:
-        return None
+        return None  # none of the shipped code is what is built: something else failed
     own = PROCESSOR_MAPPING_NAMES.get(model_type)
     way_out = (f"transformers implements the processor of {model_type} models ({own}): where the shipped classes "
                f"take images as transformers' do, remove the auto_map from {source.name} and name transformers' "
@@ -94,6 +113,25 @@ def processor_code_error(model_dir: str | Path, model_type: str) -> UsageError |
     return UsageError(f"{source}: the model's processor is implemented only by the code shipped with the model "
                       f"({', '.join(files)}, named by its auto_map), and qlora runs no code from a model folder "
                       f"(transformers' trust_remote_code). {way_out}")
+
+
+def _names_shipped_class(json_file: Path, fields: tuple[str, ...]) -> bool:
+    """Whether ``json_file`` names in ``fields`` (at the top, or in a part of it: processor_config.json's
+    ``image_processor``) a class its ``auto_map`` defines and transformers does not, or names no class at all;
+    False where every class it names is another (transformers' own: the shipped code is not what is built)."""
+    import transformers
+
+    try:
+        data = json.loads(json_file.read_text())
+    except (OSError, ValueError):
+        return True
+    parts = [data, *(v for v in data.values() if isinstance(v, dict))] if isinstance(data, dict) else []
+    names = [part[f] for part in parts for f in fields if isinstance(part.get(f), str)]
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    refs = [r for ref in (auto_map.values() if isinstance(auto_map, dict) else ())
+            for r in (ref if isinstance(ref, (list, tuple)) else [ref]) if isinstance(r, str)]
+    shipped = {r.rpartition(".")[2] for r in refs}
+    return not names or any(n in shipped and getattr(transformers, n, None) is None for n in names)
 
 
 def _folder_file(model_dir: str | Path, name: str) -> Path | None:
