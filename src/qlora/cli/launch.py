@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 _ERRORS = "QLORA_RANK_ERRORS"  # the folder ranks write their error messages to
 _LAUNCHER = "QLORA_LAUNCHER_PID"  # the process whose end stops the ranks (:func:`follow_launcher`)
@@ -150,6 +151,19 @@ def _report(exc, errors: Path, command: str, nproc: int) -> int:
               f"{'signal ' + str(-code) if code < 0 else 'exit status ' + str(code)}; {said_by}.",
               file=sys.stderr)
     return code if code > 0 else 1
+
+
+def end_rank(status: int) -> NoReturn:
+    """End a rank of a multi-process run with ``status``, its output flushed, without Python's teardown of its
+    objects. Its work is written and its process group left by then; but freeing a DDP or FSDP model frees, from
+    C++ and holding the GIL, the gloo process group it still references, whose destructor joins worker threads
+    that may need the GIL to free the tensors of the last collective: the rank then never ends (pytorch#56297;
+    seen as a rank stuck after its run returned, with its launcher waiting for it). A command's function calls
+    this while its model is alive, as ``python -m qlora`` does for any other command's rank."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def report_error(message: str, lost: bool = False) -> None:

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return launch(args.nproc, rank_argv(args), "train")
     from ...train.distributed import RankLost
     from ...train.trainer import Interrupted, Trainer  # torch: not imported for the options' errors
-    from ..launch import report_error
+    from ..launch import end_rank, report_error
 
     try:
         trainer = Trainer(config)
@@ -102,11 +102,15 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         if trainer.dist.is_main:  # every rank stopped at the same step; under --nproc the launcher says it
             report_error(f"qlora train: {exc}")
-        return 130
+        status = 130
     except RankLost as exc:  # the environment, not the input (a rank killed): status 1
         report_error(f"qlora train: error: {exc}", lost=True)
-        return 1
-    if losses and trainer.dist.is_main:
-        steps = f"{trainer.step} step{'' if trainer.step == 1 else 's'}"
-        print(f"trained {steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {config.output}")
-    return 0
+        status = 1
+    else:
+        if losses and trainer.dist.is_main:
+            steps = f"{trainer.step} step{'' if trainer.step == 1 else 's'}"
+            print(f"trained {steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {config.output}")
+        status = 0
+    if trainer.dist.enabled:
+        end_rank(status)  # here, while the trainer (its DDP/FSDP model) is alive: see end_rank
+    return status
