@@ -284,9 +284,9 @@ def test_template_without_reasoning_support_is_refused_with_file_line_and_field(
 
 
 def _trl(tokenizer, rows):
-    from test_data_prompt_completion import _trl as trl_prepare
+    from trl_sft import trl_sft
 
-    return trl_prepare(tokenizer, rows)
+    return trl_sft(tokenizer, rows)
 
 
 @pytest.mark.parametrize("family, completion", [
