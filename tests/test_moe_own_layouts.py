@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qlora.model.load import load_model
+from qlora.model.quantize import read_as_tensors_names
 from qlora.nn import Experts4bit, Linear4bit
 from test_moe_models import assert_merged_reloads_with_the_4bit_logits
 from tiny_own_layouts import save_tiny
@@ -161,8 +162,10 @@ def test_estimate_refuses_expert_lora_on_these_layouts_as_training_does(saved):
 def test_bitsandbytes_checkpoints_load_with_4bit_experts(tmp_path, saved, model_type):
     """transformers + bitsandbytes keeps these experts 16-bit in its 4-bit files: qlora loads them with 4-bit
     experts, the very codes it gives them from the 16-bit checkpoint. (The file's routers are nn.Linear layers
-    bitsandbytes packs, which qlora keeps 16-bit when it quantizes: they load as the file has them.)"""
-    pytest.importorskip("bitsandbytes")
+    bitsandbytes packs, which qlora keeps 16-bit when it quantizes: they load as the file has them, or, where the
+    model's code reads the router's weight as a tensor (LongCat-Flash's classifier), as bitsandbytes' dequantization
+    of the file's codes.)"""
+    bitsandbytes = pytest.importorskip("bitsandbytes")
     _skip_without_experts_module(model_type)
     path = saved(model_type)
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -179,7 +182,12 @@ def test_bitsandbytes_checkpoints_load_with_4bit_experts(tmp_path, saved, model_
     assert experts and experts == [n for n, m in direct.named_modules() if isinstance(m, Experts4bit)]
     mine, ref = prequantized.state_dict(), direct.state_dict()
     routers = tuple(sorted({k.split(".weight")[0] for k in mine.keys() ^ ref.keys()}))
-    assert routers and all(r.endswith(("router.layer", "classifier")) for r in routers)
-    same = [k for k in mine if k in ref and not k.startswith(routers)]
+    decoded = tuple(sorted(n for n in read_as_tensors_names(direct) if n.endswith(("router.layer", "classifier"))))
+    assert (routers or decoded) and all(r.endswith(("router.layer", "classifier")) for r in routers + decoded)
+    for name in decoded:
+        packed = theirs.get_submodule(name).weight
+        torch.testing.assert_close(mine[f"{name}.weight"], bitsandbytes.functional.dequantize_4bit(
+            packed.data, packed.quant_state).to(torch.float32), rtol=0, atol=1e-6)
+    same = [k for k in mine if k in ref and not k.startswith(routers + decoded)]
     assert [k for k in same if k.startswith(tuple(experts))]
     assert all(torch.equal(mine[k], ref[k]) for k in same)
