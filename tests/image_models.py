@@ -84,8 +84,8 @@ NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSIN
 VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "smolvlm", "internvl",
                                     "llava_onevision")
                        if k not in NEEDS_TORCHVISION)
-FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "vipllava", "idefics2", "idefics3", "aya_vision", *VIDEO_FAMILIES, "mistral3",
-                             "hunyuan_vl")
+FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "vipllava", "idefics2", "idefics3", "aya_vision",
+                             *VIDEO_FAMILIES, "mistral3", "hunyuan_vl")
                  if k not in NEEDS_TORCHVISION)
 KINDS = tuple(k for k in FAMILIES if k not in MISSING)  # the families built here
 

@@ -6,10 +6,10 @@ one prompt and one answer, the shape of every task it was trained on (captioning
 images goes through that call, so its ids, token types, image tensors and labels are transformers'. The prompt is
 the text of the turns before the answer (a system message and the user's text, a line each); earlier answers of
 OpenAI ``weight`` 0 are context, so they join that text (one prompt string is all the processor takes before the
-suffix), and a conversation of several trained answers has no such form and is refused, naming the row. A row without images beside them is the chat
-turns a text-only run trains (its prompt the prefix, the rest causal): the processor takes no prompt without
-images, and generation prompts a question without images with the run's chat format, so that is the form the
-model must learn for them.
+suffix), and a conversation of several trained answers has no such form and is refused, naming the row. A row
+without images beside them is the chat turns a text-only run trains (its prompt the prefix, the rest causal): the
+processor takes no prompt without images, and generation prompts a question without images with the run's chat
+format, so that is the form the model must learn for them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from qlora.chat.images import PLACEHOLDER as IMAGE_PLACEHOLDER  # LLaMA-Factory's, as training reads it
+from qlora.chat.images import split_placeholders
 from qlora.chat.reasoning import REASONING_KEYS
 from qlora.errors import UsageError
 
@@ -59,14 +60,10 @@ class Message:
         ``parts``: the template reads a content as a list, so a content sent in parts is given as its parts."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if parts and self.parts:
-            from qlora.chat.images import split_placeholders
-
             out["content"] = [q for piece in self.parts for q in (
                 split_placeholders(piece) if self.images and IMAGE_PLACEHOLDER in piece else
                 [{"type": "text", "text": piece}])]
         elif self.images:
-            from qlora.chat.images import split_placeholders
-
             text = self.content
             if IMAGE_PLACEHOLDER not in text:
                 text = IMAGE_PLACEHOLDER * len(self.images) + text

@@ -178,4 +178,5 @@ def dequantize_4bit(
         out = compiled_cpu.dequantize(packed, state, dtype)
         if out is not None:
             return out
-    return torch_ref.dequantize_4bit_ref(packed, block_absmax(state), state.blocksize, state.quant_type, state.shape, dtype)
+    return torch_ref.dequantize_4bit_ref(packed, block_absmax(state), state.blocksize, state.quant_type, state.shape,
+                                         dtype)
