@@ -2,14 +2,19 @@
 (``qlora train`` under SLURM or Kubernetes, whose stop is a SIGTERM): it stops cleanly, with its clean-up, at any
 point, the model's load included; a training loop's own handler turns either into a checkpoint first.
 
+An interrupt that lands in a finalizer is raised again outside it (:func:`interrupts_kept`), for every command.
+
 Imports nothing heavy: ``qlora.cli.main`` sets it up before a command's first import of torch.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
+import sys
 import threading
+import time
 from typing import Iterator
 
 
@@ -29,3 +34,36 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """A KeyboardInterrupt raised in a finalizer is raised again in the main thread, outside it.
+
+    The garbage collector runs finalizers (an object's ``__del__``, a weakref's callback) wherever the program
+    happens to be; an interrupt landing in one cannot propagate: Python prints "Exception ignored in" with a
+    traceback and drops it, and the command runs on as if never stopped (seen: a rank its launcher stopped printed
+    regex's ``Group.__del__`` traceback, then went on). The hook hands it back to the signal's handler instead.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        handled = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))]
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and handled:
+            # from another thread, once this hook has returned: its handler runs at the main thread's next
+            # instruction, which here would still be in this hook (and the interrupt be dropped again)
+            _thread.start_new_thread(_interrupt_main_soon, (handled[0],))
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+
+def _interrupt_main_soon(signum: int) -> None:
+    time.sleep(0.002)  # the GIL goes back to the main thread, which leaves the hook
+    _thread.interrupt_main(signum)

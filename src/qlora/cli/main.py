@@ -173,11 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        from ..sigterm import sigterm_as_interrupt
+        from ..sigterm import interrupts_kept, sigterm_as_interrupt
         from .base_model import resolve_base
 
         # a command run as a service stops on SIGTERM as on Ctrl-C, at any point (its imports and load included)
-        with sigterm_as_interrupt() if getattr(module, "STOPPED_BY_SIGTERM", False) else contextlib.nullcontext():
+        with (interrupts_kept(),
+              sigterm_as_interrupt() if getattr(module, "STOPPED_BY_SIGTERM", False) else contextlib.nullcontext()):
             command_parser = sub_parser(parser, args.command)
             check_utf8_values(command_parser, args)
             if args.command != "train":  # train's flags and YAML keys are checked together (load_config)
