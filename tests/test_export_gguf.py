@@ -705,6 +705,14 @@ _V4_CANNOT_BUILD = {
     ("seed_oss", dict(head_dim=8, attention_out_bias=True), "attention_out_bias=True"),
     ("ernie4_5", dict(head_dim=8, use_bias=True), "use_bias=True"),
     ("exaone4", {}, "sliding-window attention"),  # sliding layers: llama.cpp's exaone4 has them only at 64 layers
+    # a sliding window makes transformers skip RoPE on the full-attention layers; llama.cpp ropes every layer
+    ("exaone4", dict(sliding_window=4096, layer_types=["full_attention"] * 2), "no RoPE on its full-attention"),
+    # llama.cpp's gemma2, gemma3 and cohere2 place their sliding layers by a fixed period, not by the file
+    ("gemma2", dict(query_pre_attn_scalar=8, layer_types=["full_attention", "sliding_attention"]),
+     r"full attention on layers 1, 3"),
+    ("gemma3_text", dict(query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"]),
+     r"full attention on layers 5, 11"),
+    ("cohere2", dict(layer_types=["sliding_attention", "full_attention"]), r"full attention on layers 3, 7"),
     ("arcee", dict(hidden_act="silu"), "'silu' activation"),
     ("seed_oss", dict(head_dim=8, partial_rotary_factor=0.5), "rotates whole heads"),
     ("hunyuan_v1_dense", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
@@ -904,6 +912,24 @@ def test_minicpm3_latent_attention_is_laid_out_as_llama_cpp_loads_it(tmp_path, t
     assert shapes["blk.0.attn_kv_a_mqa.weight"] == (16 + 8, 32) and shapes["blk.0.attn_kv_b.weight"] == (4 * 28, 16)
     assert {"blk.0.attn_q_a_norm.weight", "blk.0.attn_kv_a_norm.weight"} <= set(shapes)
     assert shapes["rope_factors_long.weight"] == shapes["rope_factors_short.weight"] == (4,)
+
+
+def test_exaone4_32b_sliding_layers_are_written_as_llama_cpps_exaone4_runs_them(tmp_path, tiny_tokenizer):
+    """EXAONE 4.0 32B's layout (64 layers, a sliding window on three of every four, RoPE-less full attention on the
+    4th) is the one llama.cpp's exaone4 runs at 64 layers: written with its window; another depth or layout is
+    refused (test_variants_llama_cpp_does_not_compute_are_refused)."""
+    layer_types = (["sliding_attention"] * 3 + ["full_attention"]) * 16
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "exaone4", num_hidden_layers=64, hidden_size=16,
+                                       intermediate_size=16, sliding_window=16, layer_types=layer_types)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert (field("general.architecture"), field("exaone4.block_count")) == ("exaone4", 64)
+    assert field("exaone4.attention.sliding_window") == 16
+    assert field("exaone4.attention.sliding_window_pattern") == [t == "sliding_attention" for t in layer_types]
+    with pytest.raises(UsageError, match="without RoPE on layers 3, 7"):  # all full attention: llama.cpp's differs
+        model.config.layer_types = ["full_attention"] * 64
+        export_gguf(model, tokenizer, tmp_path / "other.gguf", "f16")
 
 
 def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):
