@@ -805,6 +805,20 @@ def test_gpt_style_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, 
     assert ("output.weight" in shapes) == (arch == "gptneox")  # llama.cpp's gptneox needs one although tied
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_bigcode"])
+def test_learned_position_tables_stay_f32_as_llama_cpps_converter_keeps_them(tmp_path, tiny_tokenizer, model_type):
+    """llama.cpp's converter (and its quantizer) never rounds ``position_embd`` whatever the file type: the table
+    is written exactly, the other matrices in the type asked for."""
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    positions = tensors["position_embd.weight"]
+    assert positions.tensor_type == gguf.GGMLQuantizationType.F32
+    torch.testing.assert_close(torch.from_numpy(positions.data.copy()), model.transformer.wpe.weight.detach(),
+                               rtol=0, atol=0)
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
 # MoEs with shared experts and leading dense layers, as llama.cpp's loader for each reads them: the expert layer's
 # tensors and the sizes it is built from (what they compute: test_export_llama_cpp.py).
 EXPERTS = {f"ffn_{n}_exps.weight" for n in ("gate", "up", "down")} | {"ffn_gate_inp.weight"}
