@@ -713,6 +713,11 @@ _V4_CANNOT_BUILD = {
     ("gemma3_text", dict(query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"]),
      r"full attention on layers 5, 11"),
     ("cohere2", dict(layer_types=["sliding_attention", "full_attention"]), r"full attention on layers 3, 7"),
+    # llama.cpp's gemma2 always soft-caps attention scores and logits, its gemma3 never
+    ("gemma2", dict(query_pre_attn_scalar=8, final_logit_softcapping=None), "always soft-caps"),
+    ("gemma2", dict(query_pre_attn_scalar=8, attn_logit_softcapping=None), "always soft-caps"),
+    ("gemma3_text", dict(query_pre_attn_scalar=8, attn_logit_softcapping=50.0), "has no soft-capping"),
+    ("gemma3_text", dict(query_pre_attn_scalar=8, final_logit_softcapping=30.0), "has no soft-capping"),
     ("arcee", dict(hidden_act="silu"), "'silu' activation"),
     ("seed_oss", dict(head_dim=8, partial_rotary_factor=0.5), "rotates whole heads"),
     ("hunyuan_v1_dense", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
@@ -958,11 +963,13 @@ def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):
     assert not any("act_fn" in t.name or "xielu" in t.name for t in reader.tensors)
 
 
-def test_a_mistral_sliding_window_shorter_than_the_context_is_warned_about(tmp_path, tiny_tokenizer, caplog):
-    """llama.cpp runs Mistral as llama with full attention: the same as Mistral 7B v0.1's 4096-token window only
-    up to the window, which the export says (and exports, as llama.cpp's converter does)."""
-    windowed = build_tiny_model(tmp_path / "w", tokenizer=tiny_tokenizer, arch="mistral", sliding_window=32)
-    full = build_tiny_model(tmp_path / "f", tokenizer=tiny_tokenizer, arch="mistral", sliding_window=None)
+@pytest.mark.parametrize("arch", ["mistral", "phi3"])
+def test_a_sliding_window_shorter_than_the_context_is_warned_about(tmp_path, tiny_tokenizer, caplog, arch):
+    """llama.cpp runs Mistral as llama with full attention, and turns Phi-3's window off: the same as Mistral 7B
+    v0.1's 4096-token window (Phi-3-mini-4k's 2047) only up to the window, which the export says (and exports, as
+    llama.cpp's converter does)."""
+    windowed = build_tiny_model(tmp_path / "w", tokenizer=tiny_tokenizer, arch=arch, sliding_window=32)
+    full = build_tiny_model(tmp_path / "f", tokenizer=tiny_tokenizer, arch=arch, sliding_window=None)
     for name, model_dir in (("w", windowed), ("f", full)):
         model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
         caplog.clear()

@@ -48,6 +48,8 @@ model loaders), restated for the architectures qlora exports:
   when a model has 64 or more layers (Command R+), so ``use_qk_norm`` must agree.
   Cohere 2 applies RoPE on its sliding layers only, in both.
 - GLM-4's fused ``gate_up_proj`` is written fused (``ffn_up``), gate half first.
+- llama.cpp's gemma2 always soft-caps attention scores and final logits, its gemma3 never: a config that caps
+  otherwise is refused.
 - llama.cpp's gemma2, gemma3 and cohere2 place sliding-window layers by a fixed period (every 2nd, 6th, 4th layer
   full attention; their loaders take no per-layer pattern from the file): other ``layer_types`` are refused.
   EXAONE 4 with a ``sliding_window`` skips RoPE on its full-attention layers in transformers; llama.cpp's exaone4
@@ -143,7 +145,7 @@ class ArchSpec:
     permute_qk: bool = False  # HF rotate-half RoPE -> llama.cpp interleaved RoPE
     norm_shift: float = 0.0  # added to every ``*norm.weight``
     has_output: bool = True  # llama.cpp can read a separate ``output.weight``
-    softcap_attn: bool = False  # writes attention/final logit soft-capping
+    softcap: bool = False  # llama.cpp's graph always soft-caps attention scores and final logits (else: never)
     swa_27b_layers: int | None = None  # layer count llama.cpp treats as the 27B (attention scale rule)
     output_required: bool = False  # llama.cpp needs ``output.weight`` even when tied to the embedding
     norm_topk: bool | None = None  # MoE: whether llama.cpp renormalizes the top-k routing weights (None: dense)
@@ -195,7 +197,7 @@ SPECS: dict[str, ArchSpec] = {
     # loader reads no RMS norm epsilon (it runs 0): real checkpoints' 1e-6 is far below their activations' scale
     "qwen2_vl_text": ArchSpec("qwen2vl", full_attention=True),
     "qwen2_5_vl_text": ArchSpec("qwen2vl", full_attention=True),
-    "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap_attn=True, swa_27b_layers=46,
+    "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap=True, swa_27b_layers=46,
                        swa_period=2),
     "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62, swa_period=6),
     "phi3": ArchSpec("phi3"),
@@ -414,10 +416,11 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         _write_mpt_attention(writer, config, hd)
     if config.model_type == "ministral":
         _check_ministral_windows(config)
-    elif spec.gguf_arch == "llama" and 0 < (getattr(config, "sliding_window", None) or 0) < _context_length(config):
-        log.warning("this %s config attends through a %d-token sliding window; llama.cpp runs it as llama with full "
+    elif spec.gguf_arch in ("llama", "phi3") and 0 < (getattr(config, "sliding_window", None) or 0) < _context_length(
+            config):  # llama.cpp's phi3 reads the window but turns it off
+        log.warning("this %s config attends through a %d-token sliding window; llama.cpp runs it as %s with full "
                     "attention (as its own converter writes it), so the GGUF answers the same up to %d tokens of "
-                    "context and differently past that.", config.model_type, config.sliding_window,
+                    "context and differently past that.", config.model_type, config.sliding_window, spec.gguf_arch,
                     config.sliding_window)
     if not spec.rope:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -478,9 +481,9 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         layer_types = getattr(config, "layer_types", None)
         if layer_types:  # the per-layer pattern (llama.cpp's own, checked above) for readers that take it from here
             writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
-        if spec.softcap_attn and getattr(config, "attn_logit_softcapping", None):
+        _check_softcaps(config, spec)
+        if spec.softcap:
             writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
-        if getattr(config, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
     elif getattr(config, "use_sliding_window", False) or (spec.full_attention and _sliding_layers(config)):
         raise UsageError("this model uses sliding-window attention on some layers, which llama.cpp does not run "
@@ -688,6 +691,18 @@ def _check_gpt_oss(config) -> None:
                          f"{getattr(config, 'sliding_window', None)}, but llama.cpp's gpt-oss runs a sliding window "
                          f"on every even layer and full attention on the odd ones ({expected[:4]}...); the GGUF "
                          f"would attend differently. Refusing to export.")
+
+
+def _check_softcaps(config, spec: ArchSpec) -> None:
+    """llama.cpp's gemma2 soft-caps attention scores and final logits whatever the file says (its defaults where it
+    has no value), its gemma3 and cohere2 never; transformers caps where the config gives a value."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = getattr(config, key, None)
+        if (value is None) == spec.softcap:
+            rule = "always soft-caps" if spec.softcap else "has no soft-capping of"
+            raise UsageError(f"this {config.model_type} config has {key}={value}, but llama.cpp's {spec.gguf_arch} "
+                             f"{rule} the attention scores and the final logits; the GGUF would compute different "
+                             f"outputs. Refusing to export.")
 
 
 def _fixed_swa_layers(layers: int, period: int) -> list[str]:
