@@ -713,6 +713,12 @@ _V4_CANNOT_BUILD = {
     ("gemma3_text", dict(query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"]),
      r"full attention on layers 5, 11"),
     ("cohere2", dict(layer_types=["sliding_attention", "full_attention"]), r"full attention on layers 3, 7"),
+    # biases llama.cpp's graphs for these never load (a file with an attention output bias fails to load there)
+    ("qwen3", dict(attention_bias=True), "attention_bias=True"),
+    ("qwen3_moe", dict(norm_topk_prob=True, attention_bias=True), "attention_bias=True"),
+    ("gemma3_text", dict(query_pre_attn_scalar=8, attention_bias=True), "attention_bias=True"),
+    ("olmo2", dict(attention_bias=True), "attention_bias=True"),
+    ("smollm3", dict(mlp_bias=True), "mlp_bias=True"),
     # llama.cpp's gemma2 always soft-caps attention scores and logits, its gemma3 never
     ("gemma2", dict(query_pre_attn_scalar=8, final_logit_softcapping=None), "always soft-caps"),
     ("gemma2", dict(query_pre_attn_scalar=8, attn_logit_softcapping=None), "always soft-caps"),

@@ -188,29 +188,33 @@ GRANITE_MOE_RENAME = ((".block_sparse_moe.router.layer.", ".mlp.gate."), (".bloc
                       (".block_sparse_moe.experts.", ".mlp.experts."))
 GRANITE_MOE_SPLIT = ((".block_sparse_moe.input_linear.weight", (".mlp.experts.gate_proj", ".mlp.experts.up_proj")),)
 
+# transformers' switch for biases on Q, K, V and the attention output, which llama.cpp's graphs for these do not load
+# (at least not the output's: a file holding one fails to load there)
+NO_ATTENTION_BIAS = (("attention_bias", False),)
+
 SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", permute_qk=True),
     "mistral": ArchSpec("llama", permute_qk=True),
     "qwen2": ArchSpec("qwen2", full_attention=True),
-    "qwen3": ArchSpec("qwen3", full_attention=True),
+    "qwen3": ArchSpec("qwen3", full_attention=True, requires=NO_ATTENTION_BIAS),
     # Qwen2-VL / Qwen2.5-VL's language model: Qwen2 with M-RoPE (rope.dimension_sections). llama.cpp's qwen2vl
     # loader reads no RMS norm epsilon (it runs 0): real checkpoints' 1e-6 is far below their activations' scale
     "qwen2_vl_text": ArchSpec("qwen2vl", full_attention=True),
     "qwen2_5_vl_text": ArchSpec("qwen2vl", full_attention=True),
     "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap=True, swa_27b_layers=46,
-                       swa_period=2),
-    "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62, swa_period=6),
+                       swa_period=2, requires=NO_ATTENTION_BIAS),
+    "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62, swa_period=6, requires=NO_ATTENTION_BIAS),
     "phi3": ArchSpec("phi3"),
-    "gemma": ArchSpec("gemma", norm_shift=1.0, has_output=False),
-    "olmo2": ArchSpec("olmo2", output_required=True),
+    "gemma": ArchSpec("gemma", norm_shift=1.0, has_output=False, requires=NO_ATTENTION_BIAS),
+    "olmo2": ArchSpec("olmo2", output_required=True, requires=NO_ATTENTION_BIAS),
     "granite": ArchSpec("granite", permute_qk=True),
-    "smollm3": ArchSpec("smollm3", permute_qk=True),
+    "smollm3": ArchSpec("smollm3", permute_qk=True, requires=NO_ATTENTION_BIAS + (("mlp_bias", False),)),
     "mixtral": ArchSpec("llama", permute_qk=True, norm_topk=True),
     "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True, rename=GRANITE_MOE_RENAME,
                            split_rows=GRANITE_MOE_SPLIT),
     "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False, full_attention=True),
-    "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True, full_attention=True),
-    "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False),
+    "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True, full_attention=True, requires=NO_ATTENTION_BIAS),
+    "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False, requires=NO_ATTENTION_BIAS),
     "phi": ArchSpec("phi2", layer_norm=True, partial_rotary=True, output_required=True, acts=GELU_TANH,
                     requires=(("qk_layernorm", False),), full_attention=True),
     "starcoder2": ArchSpec("starcoder2", layer_norm=True, acts=GELU_TANH, requires=(("use_bias", True),),
