@@ -9,9 +9,10 @@ import torch
 def q8_0_round_trip(model: torch.nn.Module) -> None:
     """Round-trip, in place, every matrix the export writes as q8_0 through gguf's q8_0 (``gguf.quants``), along
     the rows llama.cpp stores (a weight applied as ``x @ W`` is quantized transposed); rows that are not a multiple
-    of 32 values go through f16 as the export's fallback does. Norms, biases and routers (f32 in the file) stay."""
+    of 32 values go through f16 as the export's fallback does. Norms, biases, routers and position tables (f32 in
+    the file) stay."""
     from qlora.model.gguf_arch import arch_spec, tensor_namer
-    from qlora.model.gguf_export import ROUTERS
+    from qlora.model.gguf_export import KEEP_F32
     from qlora.nn import experts_layout
 
     config = model.config.get_text_config()
@@ -26,7 +27,7 @@ def q8_0_round_trip(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for key, p in model.state_dict(keep_vars=True).items():
             found = name_of(key) or ("output.weight" if key == "lm_head.weight" else None)
-            if p.dim() < 2 or (found is None and key not in stacked) or (found and found.split(".")[-2] in ROUTERS):
+            if p.dim() < 2 or (found is None and key not in stacked) or (found and found.split(".")[-2] in KEEP_F32):
                 continue
             transposed, rows = stacked.get(key, (bool(spec.transpose) and key.endswith(spec.transpose), 0))
             w = p.detach().float()

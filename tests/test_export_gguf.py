@@ -705,6 +705,25 @@ _V4_CANNOT_BUILD = {
     ("seed_oss", dict(head_dim=8, attention_out_bias=True), "attention_out_bias=True"),
     ("ernie4_5", dict(head_dim=8, use_bias=True), "use_bias=True"),
     ("exaone4", {}, "sliding-window attention"),  # sliding layers: llama.cpp's exaone4 has them only at 64 layers
+    # a sliding window makes transformers skip RoPE on the full-attention layers; llama.cpp ropes every layer
+    ("exaone4", dict(sliding_window=4096, layer_types=["full_attention"] * 2), "no RoPE on its full-attention"),
+    # llama.cpp's gemma2, gemma3 and cohere2 place their sliding layers by a fixed period, not by the file
+    ("gemma2", dict(query_pre_attn_scalar=8, layer_types=["full_attention", "sliding_attention"]),
+     r"full attention on layers 1, 3"),
+    ("gemma3_text", dict(query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"]),
+     r"full attention on layers 5, 11"),
+    ("cohere2", dict(layer_types=["sliding_attention", "full_attention"]), r"full attention on layers 3, 7"),
+    # biases llama.cpp's graphs for these never load (a file with an attention output bias fails to load there)
+    ("qwen3", dict(attention_bias=True), "attention_bias=True"),
+    ("qwen3_moe", dict(norm_topk_prob=True, attention_bias=True), "attention_bias=True"),
+    ("gemma3_text", dict(query_pre_attn_scalar=8, attention_bias=True), "attention_bias=True"),
+    ("olmo2", dict(attention_bias=True), "attention_bias=True"),
+    ("smollm3", dict(mlp_bias=True), "mlp_bias=True"),
+    # llama.cpp's gemma2 always soft-caps attention scores and logits, its gemma3 never
+    ("gemma2", dict(query_pre_attn_scalar=8, final_logit_softcapping=None), "always soft-caps"),
+    ("gemma2", dict(query_pre_attn_scalar=8, attn_logit_softcapping=None), "always soft-caps"),
+    ("gemma3_text", dict(query_pre_attn_scalar=8, attn_logit_softcapping=50.0), "has no soft-capping"),
+    ("gemma3_text", dict(query_pre_attn_scalar=8, final_logit_softcapping=30.0), "has no soft-capping"),
     ("arcee", dict(hidden_act="silu"), "'silu' activation"),
     ("seed_oss", dict(head_dim=8, partial_rotary_factor=0.5), "rotates whole heads"),
     ("hunyuan_v1_dense", dict(head_dim=8, attention_bias=True), "attention_bias=True"),
@@ -795,6 +814,20 @@ def test_gpt_style_architectures_are_laid_out_as_llama_cpp_loads_them(tmp_path, 
     assert ("position_embd.weight" in shapes) == (arch in ("gpt2", "starcoder"))  # learned positions
     assert ("token_embd_norm.weight" in shapes) == (arch == "bloom")
     assert ("output.weight" in shapes) == (arch == "gptneox")  # llama.cpp's gptneox needs one although tied
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_bigcode"])
+def test_learned_position_tables_stay_f32_as_llama_cpps_converter_keeps_them(tmp_path, tiny_tokenizer, model_type):
+    """llama.cpp's converter (and its quantizer) never rounds ``position_embd`` whatever the file type: the table
+    is written exactly, the other matrices in the type asked for."""
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, model_type)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    positions = tensors["position_embd.weight"]
+    assert positions.tensor_type == gguf.GGMLQuantizationType.F32
+    torch.testing.assert_close(torch.from_numpy(positions.data.copy()), model.transformer.wpe.weight.detach(),
+                               rtol=0, atol=0)
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
 
 
 # MoEs with shared experts and leading dense layers, as llama.cpp's loader for each reads them: the expert layer's
@@ -906,6 +939,24 @@ def test_minicpm3_latent_attention_is_laid_out_as_llama_cpp_loads_it(tmp_path, t
     assert shapes["rope_factors_long.weight"] == shapes["rope_factors_short.weight"] == (4,)
 
 
+def test_exaone4_32b_sliding_layers_are_written_as_llama_cpps_exaone4_runs_them(tmp_path, tiny_tokenizer):
+    """EXAONE 4.0 32B's layout (64 layers, a sliding window on three of every four, RoPE-less full attention on the
+    4th) is the one llama.cpp's exaone4 runs at 64 layers: written with its window; another depth or layout is
+    refused (test_variants_llama_cpp_does_not_compute_are_refused)."""
+    layer_types = (["sliding_attention"] * 3 + ["full_attention"]) * 16
+    model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "exaone4", num_hidden_layers=64, hidden_size=16,
+                                       intermediate_size=16, sliding_window=16, layer_types=layer_types)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert (field("general.architecture"), field("exaone4.block_count")) == ("exaone4", 64)
+    assert field("exaone4.attention.sliding_window") == 16
+    assert field("exaone4.attention.sliding_window_pattern") == [t == "sliding_attention" for t in layer_types]
+    with pytest.raises(UsageError, match="without RoPE on layers 3, 7"):  # all full attention: llama.cpp's differs
+        model.config.layer_types = ["full_attention"] * 64
+        export_gguf(model, tokenizer, tmp_path / "other.gguf", "f16")
+
+
 def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):
     """llama.cpp reads xIELU's learned scalars as one array per kind (a value per layer), stored as HF stores them."""
     model, tokenizer = _tiny_moe_model(tmp_path, tiny_tokenizer, "apertus")
@@ -918,11 +969,13 @@ def test_apertus_xielu_scalars_are_per_layer_metadata(tmp_path, tiny_tokenizer):
     assert not any("act_fn" in t.name or "xielu" in t.name for t in reader.tensors)
 
 
-def test_a_mistral_sliding_window_shorter_than_the_context_is_warned_about(tmp_path, tiny_tokenizer, caplog):
-    """llama.cpp runs Mistral as llama with full attention: the same as Mistral 7B v0.1's 4096-token window only
-    up to the window, which the export says (and exports, as llama.cpp's converter does)."""
-    windowed = build_tiny_model(tmp_path / "w", tokenizer=tiny_tokenizer, arch="mistral", sliding_window=32)
-    full = build_tiny_model(tmp_path / "f", tokenizer=tiny_tokenizer, arch="mistral", sliding_window=None)
+@pytest.mark.parametrize("arch", ["mistral", "phi3"])
+def test_a_sliding_window_shorter_than_the_context_is_warned_about(tmp_path, tiny_tokenizer, caplog, arch):
+    """llama.cpp runs Mistral as llama with full attention, and turns Phi-3's window off: the same as Mistral 7B
+    v0.1's 4096-token window (Phi-3-mini-4k's 2047) only up to the window, which the export says (and exports, as
+    llama.cpp's converter does)."""
+    windowed = build_tiny_model(tmp_path / "w", tokenizer=tiny_tokenizer, arch=arch, sliding_window=32)
+    full = build_tiny_model(tmp_path / "f", tokenizer=tiny_tokenizer, arch=arch, sliding_window=None)
     for name, model_dir in (("w", windowed), ("f", full)):
         model, tokenizer = qlora.load_model(model_dir, compute_dtype=torch.float32, device="cpu")
         caplog.clear()

@@ -48,6 +48,12 @@ model loaders), restated for the architectures qlora exports:
   when a model has 64 or more layers (Command R+), so ``use_qk_norm`` must agree.
   Cohere 2 applies RoPE on its sliding layers only, in both.
 - GLM-4's fused ``gate_up_proj`` is written fused (``ffn_up``), gate half first.
+- llama.cpp's gemma2 always soft-caps attention scores and final logits, its gemma3 never: a config that caps
+  otherwise is refused.
+- llama.cpp's gemma2, gemma3 and cohere2 place sliding-window layers by a fixed period (every 2nd, 6th, 4th layer
+  full attention; their loaders take no per-layer pattern from the file): other ``layer_types`` are refused.
+  EXAONE 4 with a ``sliding_window`` skips RoPE on its full-attention layers in transformers; llama.cpp's exaone4
+  does that, with every 4th layer full, at 64 layers only (the 32B), and ropes every layer at other depths.
 - A config switch a graph does not compute (``ArchSpec.requires``: biases
   llama.cpp does not load, per-head Q/K LayerNorm, sliding windows) and an
   activation other than the graph's (``ArchSpec.acts``) are refused.
@@ -139,7 +145,7 @@ class ArchSpec:
     permute_qk: bool = False  # HF rotate-half RoPE -> llama.cpp interleaved RoPE
     norm_shift: float = 0.0  # added to every ``*norm.weight``
     has_output: bool = True  # llama.cpp can read a separate ``output.weight``
-    softcap_attn: bool = False  # writes attention/final logit soft-capping
+    softcap: bool = False  # llama.cpp's graph always soft-caps attention scores and final logits (else: never)
     swa_27b_layers: int | None = None  # layer count llama.cpp treats as the 27B (attention scale rule)
     output_required: bool = False  # llama.cpp needs ``output.weight`` even when tied to the embedding
     norm_topk: bool | None = None  # MoE: whether llama.cpp renormalizes the top-k routing weights (None: dense)
@@ -150,6 +156,7 @@ class ArchSpec:
     requires: tuple[tuple[str, object], ...] = ()  # config fields that must have this value (if present)
     logit_scale: bool = False  # writes ``config.logit_scale`` (Cohere)
     full_attention: bool = False  # llama.cpp's graph has no sliding-window layers: a config with some is refused
+    swa_period: int = 0  # llama.cpp's fixed sliding-window layout: every n-th layer full attention, the rest sliding
     act_key: str = "hidden_act"  # the config field naming the MLP activation (a dotted path: within sub-configs)
     ff_key: str = "intermediate_size"  # the config field of the MLP width ("" or a None value: 4 x hidden)
     clip_key: str = "clip_qkv"  # the config field clamping Q, K and V (``clamp_kqv``)
@@ -181,28 +188,33 @@ GRANITE_MOE_RENAME = ((".block_sparse_moe.router.layer.", ".mlp.gate."), (".bloc
                       (".block_sparse_moe.experts.", ".mlp.experts."))
 GRANITE_MOE_SPLIT = ((".block_sparse_moe.input_linear.weight", (".mlp.experts.gate_proj", ".mlp.experts.up_proj")),)
 
+# transformers' switch for biases on Q, K, V and the attention output, which llama.cpp's graphs for these do not load
+# (at least not the output's: a file holding one fails to load there)
+NO_ATTENTION_BIAS = (("attention_bias", False),)
+
 SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", permute_qk=True),
     "mistral": ArchSpec("llama", permute_qk=True),
     "qwen2": ArchSpec("qwen2", full_attention=True),
-    "qwen3": ArchSpec("qwen3", full_attention=True),
+    "qwen3": ArchSpec("qwen3", full_attention=True, requires=NO_ATTENTION_BIAS),
     # Qwen2-VL / Qwen2.5-VL's language model: Qwen2 with M-RoPE (rope.dimension_sections). llama.cpp's qwen2vl
     # loader reads no RMS norm epsilon (it runs 0): real checkpoints' 1e-6 is far below their activations' scale
     "qwen2_vl_text": ArchSpec("qwen2vl", full_attention=True),
     "qwen2_5_vl_text": ArchSpec("qwen2vl", full_attention=True),
-    "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap_attn=True, swa_27b_layers=46),
-    "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62),
+    "gemma2": ArchSpec("gemma2", norm_shift=1.0, has_output=False, softcap=True, swa_27b_layers=46,
+                       swa_period=2, requires=NO_ATTENTION_BIAS),
+    "gemma3_text": ArchSpec("gemma3", norm_shift=1.0, swa_27b_layers=62, swa_period=6, requires=NO_ATTENTION_BIAS),
     "phi3": ArchSpec("phi3"),
-    "gemma": ArchSpec("gemma", norm_shift=1.0, has_output=False),
-    "olmo2": ArchSpec("olmo2", output_required=True),
+    "gemma": ArchSpec("gemma", norm_shift=1.0, has_output=False, requires=NO_ATTENTION_BIAS),
+    "olmo2": ArchSpec("olmo2", output_required=True, requires=NO_ATTENTION_BIAS),
     "granite": ArchSpec("granite", permute_qk=True),
-    "smollm3": ArchSpec("smollm3", permute_qk=True),
+    "smollm3": ArchSpec("smollm3", permute_qk=True, requires=NO_ATTENTION_BIAS + (("mlp_bias", False),)),
     "mixtral": ArchSpec("llama", permute_qk=True, norm_topk=True),
     "granitemoe": ArchSpec("granitemoe", permute_qk=True, norm_topk=True, rename=GRANITE_MOE_RENAME,
                            split_rows=GRANITE_MOE_SPLIT),
     "qwen2_moe": ArchSpec("qwen2moe", output_required=True, norm_topk=False, full_attention=True),
-    "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True, full_attention=True),
-    "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False),
+    "qwen3_moe": ArchSpec("qwen3moe", norm_topk=True, full_attention=True, requires=NO_ATTENTION_BIAS),
+    "olmoe": ArchSpec("olmoe", output_required=True, norm_topk=False, requires=NO_ATTENTION_BIAS),
     "phi": ArchSpec("phi2", layer_norm=True, partial_rotary=True, output_required=True, acts=GELU_TANH,
                     requires=(("qk_layernorm", False),), full_attention=True),
     "starcoder2": ArchSpec("starcoder2", layer_norm=True, acts=GELU_TANH, requires=(("use_bias", True),),
@@ -212,12 +224,13 @@ SPECS: dict[str, ArchSpec] = {
     "cohere": ArchSpec("command-r", layer_norm=True, has_output=False, logit_scale=True, acts=SILU,
                        requires=(("attention_bias", False),), full_attention=True),
     "cohere2": ArchSpec("cohere2", layer_norm=True, has_output=False, logit_scale=True, acts=SILU,
-                        requires=(("attention_bias", False),)),
+                        requires=(("attention_bias", False),), swa_period=4),
     "olmo": ArchSpec("olmo", permute_qk=True, layer_norm=True, acts=SILU, requires=(("attention_bias", False),),
                      full_attention=True),
     "glm4": ArchSpec("glm4", partial_rotary=True, acts=SILU, full_attention=True),
     "ernie4_5": ArchSpec("ernie4_5", acts=SILU, requires=(("use_bias", False),), full_attention=True),
-    "exaone4": ArchSpec("exaone4", acts=SILU, full_attention=True),
+    # EXAONE 4: sliding layers (and RoPE-less full-attention ones) only as llama.cpp's exaone4 runs them at 64 layers
+    "exaone4": ArchSpec("exaone4", acts=SILU, swa_period=4),
     "seed_oss": ArchSpec("seed_oss", acts=SILU, requires=(("attention_out_bias", False),), full_attention=True),
     "arcee": ArchSpec("arcee", permute_qk=True, acts=("relu2",), requires=(("attention_bias", False),
                                                                         ("mlp_bias", False)), full_attention=True),
@@ -407,10 +420,11 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         _write_mpt_attention(writer, config, hd)
     if config.model_type == "ministral":
         _check_ministral_windows(config)
-    elif spec.gguf_arch == "llama" and 0 < (getattr(config, "sliding_window", None) or 0) < _context_length(config):
-        log.warning("this %s config attends through a %d-token sliding window; llama.cpp runs it as llama with full "
+    elif spec.gguf_arch in ("llama", "phi3") and 0 < (getattr(config, "sliding_window", None) or 0) < _context_length(
+            config):  # llama.cpp's phi3 reads the window but turns it off
+        log.warning("this %s config attends through a %d-token sliding window; llama.cpp runs it as %s with full "
                     "attention (as its own converter writes it), so the GGUF answers the same up to %d tokens of "
-                    "context and differently past that.", config.model_type, config.sliding_window,
+                    "context and differently past that.", config.model_type, config.sliding_window, spec.gguf_arch,
                     config.sliding_window)
     if not spec.rope:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -462,15 +476,18 @@ def write_metadata(writer, config, spec: ArchSpec, n_vocab: int) -> list[tuple[s
         writer.add_sliding_window(config.sliding_window)
     if spec.gguf_arch in ("gemma2", "gemma3"):
         _check_gemma_attention_scale(config, spec, hd)
-    if spec.gguf_arch in ("gemma2", "gemma3", "cohere2"):
+    if spec.gguf_arch == "exaone4":
+        _write_exaone4_windows(writer, config, spec)
+    elif spec.gguf_arch in ("gemma2", "gemma3", "cohere2"):
+        _check_swa_layout(config, spec)
         if getattr(config, "sliding_window", None):
             writer.add_sliding_window(config.sliding_window)
         layer_types = getattr(config, "layer_types", None)
-        if layer_types:  # the exact per-layer pattern, not llama.cpp's default guess
+        if layer_types:  # the per-layer pattern (llama.cpp's own, checked above) for readers that take it from here
             writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
-        if spec.softcap_attn and getattr(config, "attn_logit_softcapping", None):
+        _check_softcaps(config, spec)
+        if spec.softcap:
             writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
-        if getattr(config, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
     elif getattr(config, "use_sliding_window", False) or (spec.full_attention and _sliding_layers(config)):
         raise UsageError("this model uses sliding-window attention on some layers, which llama.cpp does not run "
@@ -678,6 +695,67 @@ def _check_gpt_oss(config) -> None:
                          f"{getattr(config, 'sliding_window', None)}, but llama.cpp's gpt-oss runs a sliding window "
                          f"on every even layer and full attention on the odd ones ({expected[:4]}...); the GGUF "
                          f"would attend differently. Refusing to export.")
+
+
+def _check_softcaps(config, spec: ArchSpec) -> None:
+    """llama.cpp's gemma2 soft-caps attention scores and final logits whatever the file says (its defaults where it
+    has no value), its gemma3 and cohere2 never; transformers caps where the config gives a value."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = getattr(config, key, None)
+        if (value is None) == spec.softcap:
+            rule = "always soft-caps" if spec.softcap else "has no soft-capping of"
+            raise UsageError(f"this {config.model_type} config has {key}={value}, but llama.cpp's {spec.gguf_arch} "
+                             f"{rule} the attention scores and the final logits; the GGUF would compute different "
+                             f"outputs. Refusing to export.")
+
+
+def _fixed_swa_layers(layers: int, period: int) -> list[str]:
+    """The layer types of llama.cpp's fixed sliding-window layout: every ``period``-th layer full attention."""
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
+
+
+def _check_swa_layout(config, spec: ArchSpec) -> None:
+    """llama.cpp's gemma2, gemma3 and cohere2 place their sliding-window layers by a fixed period (its loaders take
+    no per-layer pattern from the file); a config whose ``layer_types`` differ would attend differently there."""
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    expected = _fixed_swa_layers(config.num_hidden_layers, spec.swa_period)
+    if layer_types and layer_types != expected:
+        period = spec.swa_period
+        raise UsageError(f"this {config.model_type} config attends with layer_types={layer_types}, but llama.cpp's "
+                         f"{spec.gguf_arch} runs full attention on layers {period - 1}, {2 * period - 1}, ... and a "
+                         f"sliding window on the others ({expected[:period]}...), whatever the file says; the GGUF "
+                         f"would attend differently. Refusing to export.")
+
+
+# llama.cpp's exaone4 has sliding-window layers (every 4th full attention, without RoPE) at this depth only (32B)
+EXAONE4_SWA_LAYERS = 64
+
+
+def _write_exaone4_windows(writer, config, spec: ArchSpec) -> None:
+    """EXAONE 4's attention as llama.cpp's exaone4 runs it. With a ``sliding_window``, transformers attends through
+    it on the sliding layers and skips RoPE on the full-attention ones; without, every layer is full attention with
+    RoPE. llama.cpp does the first at 64 layers (its fixed layout: every 4th layer full), the second at any other
+    depth; a config computing otherwise is refused."""
+    window = getattr(config, "sliding_window", None)
+    layers = config.num_hidden_layers
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if layers == EXAONE4_SWA_LAYERS:
+        expected = _fixed_swa_layers(layers, spec.swa_period)
+        if window and layer_types == expected:
+            writer.add_sliding_window(window)
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+            return
+        raise UsageError(f"this {layers}-layer EXAONE 4 config has sliding_window={window} and layer_types="
+                         f"{layer_types[:spec.swa_period]}..., but llama.cpp's exaone4 runs a {layers}-layer model "
+                         f"with full attention without RoPE on layers {spec.swa_period - 1}, "
+                         f"{2 * spec.swa_period - 1}, ... and a sliding window on the others "
+                         f"({expected[:spec.swa_period]}...); the GGUF would attend differently. Refusing to export.")
+    if window is not None:
+        raise UsageError(f"this EXAONE 4 config has sliding_window={window}, with which transformers uses "
+                         f"sliding-window attention on its sliding layers and no RoPE on its full-attention ones "
+                         f"(layer_types={layer_types[:4]}...); llama.cpp's exaone4 does so only for 64 layers "
+                         f"(EXAONE 4.0 32B) and runs this {layers}-layer model with full attention and RoPE on every "
+                         f"layer, so the GGUF would attend differently. Refusing to export.")
 
 
 def _sliding_layers(config) -> bool:

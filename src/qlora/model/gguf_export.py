@@ -7,9 +7,9 @@ then each tensor is merged, converted and written in turn, so peak memory is
 the 4-bit model plus one dense layer, never a second copy of the model.
 
 Types follow llama.cpp's converter: 1-D tensors (norms), every bias (gpt-oss's
-per-expert ones too), RoPE factor tables and MoE routers (``ffn_gate_inp``; Qwen2-MoE's shared-expert gate too)
-stay float32; matrices are f16, bf16 or q8_0 (q8_0 falls back to f16 for a row
-length that is not a multiple of its 32-value block). ``q8_0`` is
+per-expert ones too), RoPE factor tables, MoE routers (``ffn_gate_inp``; Qwen2-MoE's shared-expert gate too) and
+learned position tables (``position_embd``: GPT-2, StarCoder) stay float32; matrices are f16, bf16 or q8_0
+(q8_0 falls back to f16 for a row length that is not a multiple of its 32-value block). ``q8_0`` is
 quantized by ``gguf.quants``, llama.cpp's own Python reference of the format.
 Formats gguf-py cannot quantize (the k-quants such as q4_k_m) are made from the
 f16 file by llama.cpp's own quantizer (:mod:`qlora.model.gguf_quantize`).
@@ -41,7 +41,9 @@ from .merge import merged_tensors, tied_embeddings
 from .quantize import non_text_names, text_decoder_path
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
-ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # MoE routers stay f32: a rounded router can pick other experts
+# matrices kept f32 whatever the type, as llama.cpp's converter and quantizer keep them: MoE routers (a rounded router
+# can pick other experts) and learned position tables (GPT-2, StarCoder)
+KEEP_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd")
 
 
 GGUF_VERSION = (0, 18)  # the writer methods (add_sliding_window_pattern, ...) and architectures (gpt-oss, ...) used
@@ -177,7 +179,7 @@ def _plan(model: nn.Module, config, spec: ArchSpec, out_type: str,
             unknown.append(key)
             continue
         shape = llama_cpp_shape(key, tuple(shape), spec)
-        if len(shape) == 1 or gguf_name.endswith(".bias") or gguf_name.split(".")[-2] in ROUTERS:
+        if len(shape) == 1 or gguf_name.endswith(".bias") or gguf_name.split(".")[-2] in KEEP_F32:
             qtype = gguf.GGMLQuantizationType.F32
         else:
             qtype = matrix_type(gguf, out_type, shape[-1])
