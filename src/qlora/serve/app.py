@@ -391,7 +391,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         try:
             prompt = prefix_prompt(image_processor_for(body.model), [m.as_dict() for m in messages]) if prefix else \
                 render_chat(tokenizer, messages, chat_format=chat_format, tools=tools, template_kwargs=template_options)
-        except UsageError as exc:  # a prefix-LM's images after an answer; else a template's failure, as below
+        except UsageError as exc:  # a prefix-LM's messages ending with an answer; else a template's failure, as below
             if prefix:
                 raise APIError(400, str(exc), "messages") from None
             raise _template_failure(exc, body.chat_template is not None) from None
