@@ -100,3 +100,48 @@ def test_a_json_object_holding_its_rows_under_a_name_says_where_they_are(tmp_pat
     with pytest.raises(UsageError, match=r"The field 'turns' holds a list of objects: if it is the conversation, map "
                                          r"it with --data-fields messages=turns"):
         normalize([Record({"id": "a", "turns": turns}, "d.jsonl line 1")])
+
+
+def _sharegpt(system, *turns):
+    return {"system": system, "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def test_a_system_column_beside_a_system_turn_first_gives_way_to_the_turn_and_says_so(capsys):
+    """LLaMA-Factory's ShareGPT reader and axolotl's chat_template keep a conversation's own first system turn and
+    leave the ``system`` column unread; a conversation that does not begin with one gets the column first (axolotl
+    puts it there even before a later system turn, where qlora dropped the column). A column that differs from the
+    turn it loses to is said once, naming the first such row and how many."""
+    rows = [_sharegpt("COLUMN", ("system", "TURN"), ("human", "hi"), ("gpt", "yo")),
+            _sharegpt("COLUMN", ("human", "hi"), ("gpt", "yo"), ("system", "LATER"), ("human", "and"), ("gpt", "ok")),
+            _sharegpt("SAME", ("system", "SAME"), ("human", "hi"), ("gpt", "yo")),
+            _sharegpt("COLUMN 2", ("system", "TURN 2"), ("human", "hi"), ("gpt", "yo"))]
+    examples = normalize([Record(r, f"d.jsonl line {i + 1}") for i, r in enumerate(rows)])
+    assert [[m["content"] for m in e.messages if m["role"] == "system"] for e in examples] == [
+        ["TURN"], ["COLUMN", "LATER"], ["SAME"], ["TURN 2"]]
+    err = capsys.readouterr().err
+    assert err.count("qlora: ") == 1 and err.startswith(
+        'qlora: d.jsonl line 1 (and 1 more rows): a "system" column beside a conversation that begins with a '
+        "different system turn: the turn is used and the column not read")
+    normalize([Record(rows[2], "d.jsonl line 1")])
+    assert capsys.readouterr().err == ""
+
+
+def test_alpaca_columns_beside_a_text_column_are_trained_and_the_text_named(capsys):
+    """tatsu-lab/alpaca's rows hold each example written out in the Stanford prompt (``text``) beside its columns:
+    the columns are trained (as LLaMA-Factory and axolotl read alpaca rows, the model's chat template around them),
+    and the run says once that ``text`` is not read and how to train it instead; --format text does, and a format
+    given (--format alpaca) is not remarked on."""
+    row = {"instruction": "Give a tip", "input": "", "output": "Sleep.",
+           "text": "Below is an instruction that describes a task.\n\n### Instruction:\nGive a tip\n\n"
+                   "### Response:\nSleep."}
+    records = [Record(row, f"d.jsonl line {i + 1}") for i in range(2)]
+    examples = normalize(records)
+    assert [e.messages for e in examples] == [({"role": "user", "content": "Give a tip"},
+                                               {"role": "assistant", "content": "Sleep."})] * 2
+    assert capsys.readouterr().err == (
+        'qlora: d.jsonl line 1: the rows are read as the alpaca format (detected from the first 2 rows) and also have '
+        'a "text" column, which is not read (the columns are trained, as LLaMA-Factory and axolotl read them); '
+        "--format text trains that column instead.\n")
+    assert [e.text for e in normalize(records, "text")] == [row["text"]] * 2
+    normalize(records, "alpaca")
+    assert capsys.readouterr().err == ""

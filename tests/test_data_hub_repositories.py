@@ -165,3 +165,56 @@ def test_an_eval_split_not_there_names_the_eval_split_option(tmp_path, tiny_mode
     assert f"{folder}: no split 'test'; it has {train_split}, {eval_split}. Choose one with --eval-data-split." in err
     assert main(args + ["--eval-data-split", eval_split]) == 0
     assert "eval loss" in capsys.readouterr().out
+
+
+def _subsets_folder(root: Path, rows) -> Path:
+    """A repository of two subsets, ``en`` and ``fr``, each its own test split; ``rows(lang)`` their rows."""
+    root.mkdir()
+    yaml = ["configs:"]
+    for lang in ("en", "fr"):
+        (root / f"{lang}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(lang)))
+        yaml += [f"- config_name: {lang}", "  data_files:", "  - split: test", f"    path: {lang}.jsonl"]
+    (root / "README.md").write_text("---\n" + "\n".join(yaml) + "\n---\n")
+    return root
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto"])
+def test_eval_data_of_several_subsets_is_read_by_its_own_subset_option(tmp_path, tiny_model_dir, capsys, method):
+    """--eval-data of several subsets beside --data that has none (a data file): --eval-data-subset picks the eval
+    subset (there was no option; --data-subset was refused for the file), named as --data-subset is where it is
+    missing, wrong or asked of a file; without it, --eval-data reads --data-subset's, as TRL's dataset_config."""
+    from qlora.train.config import load_config
+    from qlora.train.trainer import Trainer
+
+    def rows(lang):
+        if method == "sft":
+            return [{"instruction": f"{lang} q{i}", "output": f"{lang} a{i}"} for i in range(2)]
+        if method == "dpo":
+            return [{"prompt": f"{lang} q{i}", "chosen": f"{lang} a{i}", "rejected": "no"} for i in range(2)]
+        return [{"prompt": f"{lang} q{i}", "completion": f"{lang} a{i}", "label": i == 0} for i in range(2)]
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows("xx")))
+    folder = _subsets_folder(tmp_path / "multi", rows)
+    args = ["train", "--method", method, "--model", str(tiny_model_dir), "--data", str(train), "--eval-data",
+            str(folder), "--batch-size", "2", "--output", str(tmp_path / "run"), "--max-steps", "1", "--no-progress"]
+    assert main(args) == 2
+    assert ("several subsets (configurations) and no default: en, fr. Choose one with --eval-data-subset (e.g. "
+            "--eval-data-subset en).") in capsys.readouterr().err
+    assert main(args + ["--eval-data-subset", "de"]) == 2
+    assert f"{folder}: BuilderConfig 'de' not found. Available: ['en', 'fr'] (--eval-data-subset)" in (
+        capsys.readouterr().err)
+    assert main(args[:-5] + ["--eval-data", str(train), "--eval-data-subset", "fr", "--output",
+                             str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    assert f"--eval-data-subset fr: {train} is a data file" in capsys.readouterr().err
+    cfg = dict(method=method, model=str(tiny_model_dir), data=str(train), eval_data=str(folder), output="o",
+               max_steps=1, batch_size=2)
+    trainer = Trainer(load_config(None, {**cfg, "eval_data_subset": "fr"}))
+    trainer.sample_rng = None
+    examples = trainer._read_data(str(folder), "test", "--eval-data-split")
+    assert len(examples) == 2 and all("fr q" in repr(e) and "en q" not in repr(e) for e in examples)
+    trainer = Trainer(load_config(None, {**cfg, "data_subset": "en"}))  # --data-subset's, when not given
+    trainer.sample_rng = None
+    assert all("en q" in repr(e) for e in trainer._read_data(str(folder), "test", "--eval-data-split"))
+    assert main(args + ["--eval-data-subset", "fr"]) == 0
+    assert "eval loss" in capsys.readouterr().out

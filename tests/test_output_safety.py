@@ -489,6 +489,25 @@ def test_a_killed_save_of_a_process_with_this_ones_id_is_cleared_or_put_back(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", fresh.name])
 
 
+def test_a_users_folder_named_like_a_leftover_is_kept(tmp_path):
+    """Only the exact names atomic_dir writes (.NAME.old-PID, .NAME.tmp-PID- and mkdtemp's eight characters) are
+    leftovers: a user's folders that merely begin alike (a backup, a copy) are never removed nor renamed, even when
+    their number is a dead process's; the real leftover beside them is put back."""
+    from qlora.atomic import clear_leftovers
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    own = [f".out.old-{pid}-backup", f".out.old-{pid}.bak", f".out.old-{pid}-abcdefgh", f".out.tmp-{pid}",
+           f".out.tmp-{pid}-keep", f".out.tmp-{pid}-abcdefgh-copy", f".out.tmp-{pid}-ABCDEFGH"]
+    for name in [*own, f".out.old-{pid}"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(name)
+    clear_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*own, "out"])
+    assert all((tmp_path / name / "config.json").read_text() == name for name in own)
+    assert (tmp_path / "out" / "config.json").read_text() == f".out.old-{pid}"  # the set-aside content, put back
+
+
 _KILLED_SAVE = """
 import os, signal, sys
 from pathlib import Path

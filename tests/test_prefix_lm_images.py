@@ -216,6 +216,37 @@ def test_an_earlier_answer_of_weight_0_is_context_in_the_processors_prefix(model
         _trainer(model_dir, tmp_path, _rows(images), train_on="all")
 
 
+def test_a_question_after_an_answer_is_prompted_as_a_row_with_that_history_trains(model_dir, images, tmp_path):
+    """``qlora chat``'s (and serve's) next question about the images, after an answer: the processor's prompt the model
+    sees is the prefix a row with that history trained on (its earlier answer of ``weight`` 0 in it): the same ids
+    and pixels, token for token; messages that end with an answer, or an earlier one with tool calls, are refused."""
+    import qlora
+    from qlora.chat.images import resolve_image
+    from qlora.chat.prefix_suffix import image_prompt
+    from qlora.infer.images import encode_with_images, image_processor
+
+    row = _two_answers(images)
+    row["messages"].insert(0, {"role": "system", "content": "be brief"})
+    row["messages"][2]["weight"] = 0
+    trainer = _trainer(model_dir, tmp_path, [row])
+    batch = trainer._collate(trainer.train_units)
+    prefix = batch["input_ids"][0][batch["token_type_ids"][0] == 0].tolist()
+    model, tokenizer = qlora.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
+    processor = image_processor(model, tokenizer, model_dir, "test")
+    asked = [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"][:-1]]
+    asked[1] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "caption en"}]}
+    ids, media = encode_with_images(processor, model, image_prompt(processor, asked),
+                                    (resolve_image(str(images[0]), "test"),))
+    assert ids[0].tolist() == prefix and tokenizer.decode(prefix).endswith("be brief\ncaption en\na square\nand its "
+                                                                          "colour?\n")
+    torch.testing.assert_close(media["pixel_values"], batch["pixel_values"])
+    with pytest.raises(UsageError, match="these messages end with an answer"):
+        image_prompt(processor, asked[:3])
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    with pytest.raises(UsageError, match="message 2, an earlier answer in its prompt .* holds tool calls"):
+        image_prompt(processor, [*asked[:2], {"role": "assistant", "content": "", "tool_calls": calls}, asked[3]])
+
+
 @pytest.mark.parametrize("where", ["a row without images", "an answer"])
 def test_the_image_token_written_in_the_text_is_refused_naming_the_row(model_dir, images, tmp_path, where):
     """``<image>`` is the token PaliGemma replaces by image features: written in a row without images, or in an
@@ -335,13 +366,15 @@ def _greedy(model_dir, adapter, image_paths, prompt, new=8):
 def test_chat_image_prompt_is_the_processors_and_its_reply_transformers(model_dir, images, trained, monkeypatch,
                                                                          capsys):
     """``/image`` in ``qlora chat``: the system message and the user's text, a line each after the image tokens, as
-    the rows trained (no chat turn around them); a second question about the images is refused (PaliGemma trains on
-    one prompt and one answer per row) and the chat goes on; after /reset the question is answered alike."""
+    the rows trained (no chat turn around them); a second question about the images is the prompt a row with that
+    history trains on, the earlier answer a line in it (transformers' reply to that processor prompt); after /reset
+    the question is answered alike."""
     import io
 
     from qlora.cli.main import main
 
     expected, _ = _greedy(model_dir, trained, [images[0]], "be brief\n" + ROWS[0][0])
+    later, _ = _greedy(model_dir, trained, [images[0]], f"be brief\n{ROWS[0][0]}\n{expected.strip()}\nand its colour?")
     lines = [f"/image {images[0]}", ROWS[0][0], "and its colour?", "/reset", f"/image {images[0]}", ROWS[0][0],
              "/exit"]
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
@@ -350,9 +383,8 @@ def test_chat_image_prompt_is_the_processors_and_its_reply_transformers(model_di
                  "fp32", "--temperature", "0", "--max-new-tokens", "8", "--system", "be brief"]) == 0
     captured = capsys.readouterr()
     replies = [line.split("assistant> ", 1)[1] for line in captured.out.splitlines() if "assistant> " in line]
-    assert [r.strip() for r in replies] == [expected.strip(), "", expected.strip()]
-    assert "PaliGemma answers one prompt with its images" in captured.err
-    assert "these messages go on after an answer" in captured.err and "/reset" in captured.err
+    assert [r.strip() for r in replies] == [expected.strip(), later.strip(), expected.strip()]
+    assert "PaliGemma" not in captured.err
 
 
 def test_generate_places_an_image_placeholder_as_the_processor(model_dir, images, trained, capsys):
@@ -369,8 +401,9 @@ def test_generate_places_an_image_placeholder_as_the_processor(model_dir, images
 
 def test_served_images_are_the_processors_prompt_and_transformers_reply(model_dir, images, trained):
     """``qlora serve``'s chat completions (and the Responses API) with image parts: the processor's prompt, the system
-    message a line before the user's text, and transformers' greedy reply; a conversation going on after an answer,
-    and tools with the images, are a 400 naming the field."""
+    message a line before the user's text, and transformers' greedy reply; a conversation going on after an answer
+    is the prompt a row with that history trains on (the answer a line in it); messages ending with an answer, and
+    tools with the images, are a 400 naming the field."""
     import base64
 
     openai = pytest.importorskip("openai")
@@ -397,9 +430,12 @@ def test_served_images_are_the_processors_prompt_and_transformers_reply(model_di
             max_output_tokens=8, temperature=0)
         assert response.output_text == expected
         later = [*messages, {"role": "assistant", "content": "a square"}, {"role": "user", "content": "its colour?"}]
+        reply = client.chat.completions.create(model="img", messages=later, max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content == _greedy(model_dir, trained, [images[0]],
+                                                           f"be brief\n{ROWS[0][0]}\na square\nits colour?")[0]
         with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model="img", messages=later, max_tokens=2)
-        assert err.value.body["param"] == "messages" and "PaliGemma answers one prompt" in err.value.body["message"]
+            client.chat.completions.create(model="img", messages=later[:3], max_tokens=2)
+        assert err.value.body["param"] == "messages" and "end with an answer" in err.value.body["message"]
         tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="img", messages=messages, tools=tools, max_tokens=2)

@@ -329,6 +329,85 @@ def test_every_field_the_openai_client_sends_is_accepted(served):
         assert exc.value.param == param
 
 
+def test_a_request_body_over_the_limit_is_a_413_before_it_is_read(tiny_model_dir):
+    """A body over --max-request-bytes (given by Content-Length, or chunked with none) is a 413 in OpenAI's error
+    shape naming the limit and the option, streaming or not, after the key's check (401 first); a body within it is
+    served alike whether chunked or not, its stream too."""
+    import json
+
+    from qlora.cli.commands.serve import MAX_REQUEST_BYTES
+    from qlora.infer.batcher import ContinuousBatcher
+    from qlora.serve.app import build_app
+    from qlora.serve.request_size import DEFAULT_MAX_REQUEST_BYTES
+    from qlora.serve.server import BackgroundServer
+
+    assert MAX_REQUEST_BYTES == DEFAULT_MAX_REQUEST_BYTES == 100 << 20  # the CLI's default is the server's
+    model, tokenizer = qlora.load_model(tiny_model_dir, compute_dtype=torch.float32, device="cpu")
+    batcher = ContinuousBatcher(model.eval(), tokenizer, context_length=512).start()
+    limit, auth = 4096, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    small = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    large = {**small, "prompt": "Hello " * 1000}
+
+    def chunked(body):
+        data = json.dumps(body).encode()
+        return (data[k:k + 1000] for k in range(0, len(data), 1000))  # no Content-Length: chunked
+
+    with BackgroundServer(build_app(batcher, "tiny", [], api_key=KEY, max_request_bytes=limit)) as server:
+        url = server.url + "/v1/completions"
+        for stream in (False, True):
+            for content in (json.dumps({**large, "stream": stream}).encode(), chunked({**large, "stream": stream})):
+                r = httpx.post(url, content=content, headers=auth, timeout=60)
+                assert r.status_code == 413, r.text
+                error = r.json()["error"]
+                assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
+                assert f"limit of {limit} bytes (--max-request-bytes)" in error["message"]
+            alike = [httpx.post(url, content=content, headers=auth, timeout=60) for content in (
+                json.dumps({**small, "stream": stream}).encode(), chunked({**small, "stream": stream}))]
+            assert [r.status_code for r in alike] == [200, 200]
+            if stream:
+                assert alike[0].text.count("data:") == alike[1].text.count("data:") > 1
+            else:
+                assert alike[0].json()["choices"] == alike[1].json()["choices"]
+        r = httpx.post(url, content=json.dumps(large).encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 401
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi " * 2000}])
+        assert err.value.status_code == 413
+    batcher.close()
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_prompt_text_far_past_the_context_is_refused_without_tokenizing_it_all(served, route, monkeypatch):
+    """A prompt whose first part alone has more tokens than the context is refused as one over the context (vLLM's
+    and OpenAI's 400 context_length_exceeded): the whole has at least as many (the oracle: all of it tokenized),
+    and only its first context x 32 characters were; with truncate_prompt_tokens it is cut, as vLLM does, and
+    answered. A prompt within that head is counted whole, as before."""
+    server, batcher, client, tokenizer = served
+    text = "Hello there " * 20000  # 240,000 characters
+    assert len(tokenizer(text).input_ids) >= batcher.context_length
+    counted = []
+    real = tokenizer.__class__.__call__
+    monkeypatch.setattr(tokenizer.__class__, "__call__",
+                        lambda self, t, *a, **kw: counted.append(len(t)) or real(self, t, *a, **kw))
+    kw = dict(model="tiny", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as err:
+        if route == "chat":
+            client.chat.completions.create(messages=[{"role": "user", "content": text}], **kw)
+        else:
+            client.completions.create(prompt=text, **kw)
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert max(counted) == batcher.context_length * 32 < len(text)  # its first context x 32 characters alone
+    assert err.value.body["param"] == ("messages" if route == "chat" else "prompt")
+    assert f"maximum context length is {batcher.context_length} tokens" in err.value.body["message"]
+    cut = dict(extra_body={"truncate_prompt_tokens": 16}, **kw)
+    reply = (client.chat.completions.create(messages=[{"role": "user", "content": text}], **cut) if route == "chat"
+             else client.completions.create(prompt=text, **cut))
+    assert reply.usage.prompt_tokens == 16
+    with pytest.raises(openai.BadRequestError, match="resulted in"):  # within the head: counted whole, as before
+        client.completions.create(prompt="Hello there " * 400, **kw)
+
+
 def test_serve_without_fastapi_says_what_to_install(monkeypatch, capsys, tiny_model_dir):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: find_spec gives None
     assert main(["serve", "--model", str(tiny_model_dir)]) == 2

@@ -102,9 +102,10 @@ def _nearly_full(path: Path) -> bool:
         return False
 
 
-# what atomic_dir leaves beside NAME when killed: its copy being written, .NAME.tmp-PID-..., or NAME's previous
-# content set aside for the rename, .NAME.old-PID
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(-[^/]*)?")
+# what atomic_dir leaves beside NAME when killed: its copy being written, .NAME.tmp-PID-XXXXXXXX (mkdtemp's eight
+# characters), or NAME's previous content set aside for the rename, .NAME.old-PID; nothing else, so that a user's
+# own folder named alike (.NAME.old-12-backup) is never taken for one and removed
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp-(?P<tmp>\d+)-[a-z0-9_]{8}|old-(?P<old>\d+))")
 
 
 # this process writes nothing before it imports this module: a folder of its own id older than that is a killed
@@ -140,10 +141,10 @@ def clear_leftovers(folder: Path, name: str | None = None) -> None:
     for path in sorted(folder.iterdir()):
         found = _LEFTOVER.fullmatch(path.name)
         if (not found or (name is not None and found["name"] != name) or not path.is_dir()
-                or path.is_symlink() or _running(int(found["pid"]), path)):
+                or path.is_symlink() or _running(int(found["tmp"] or found["old"]), path)):
             continue
         target = folder / found["name"]
-        if found["kind"] == "old" and not (target.exists() or target.is_symlink()):
+        if found["old"] and not (target.exists() or target.is_symlink()):
             with contextlib.suppress(FileNotFoundError):  # put back by another process's tidy a moment ago
                 os.replace(path, target)
         else:

@@ -164,18 +164,22 @@ def image_row_tokenizer(model, processor, chat_template, train_on: str, seq_len:
 def image_prompt(processor, messages: Sequence[dict]) -> str:
     """A prefix-LM's generation prompt for chat ``messages`` (as templates take them) with images: its processor's
     text, one image token per image part then the prompt :func:`prompt_and_answer` trains on (each message's
-    text, a line each; the prefix without a suffix, all of it read both ways), where other models render a chat
-    turn. A ``<image>`` placeholder in the text is dropped, as a training row's is: the images go before it.
+    text, a line each, earlier answers among them as a row's answers of ``weight`` 0 are; the prefix without a
+    suffix, all of it read both ways), where other models render a chat turn. A ``<image>`` placeholder in the text
+    is dropped, as a training row's is: the images go before it.
 
     Raises:
-        UsageError: the messages hold an answer (an assistant or tool turn): PaliGemma trains on one prompt and one
-            answer per row, so a conversation that goes on after an answer has no prompt it was trained on.
+        UsageError: the messages end with an answer (no trained row's prompt does), or an earlier answer holds tool
+            calls or reasoning (a training row's is refused so too).
     """
-    if any(m.get("role") not in ("system", "user") for m in messages):
+    if messages and messages[-1].get("role") == "assistant":
         raise UsageError("PaliGemma answers one prompt with its images (its processor's prefix; it has no chat "
-                         "format for several turns, and trains on one prompt and one answer per row), and these "
-                         "messages go on after an answer. Ask about the images in a new conversation (/reset in "
-                         "qlora chat, or one user message per request), the images attached again.")
+                         "format to continue an answer in), and these messages end with an answer. End them with "
+                         "the question to answer.")
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant":
+            _refuse_non_text("these messages", m, f"message {i}, an earlier answer in its prompt (its processor's "
+                                                 "prefix),")
     parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
     images = sum(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in parts)
     token = getattr(processor, "image_token", None) or IMAGE_TOKEN

@@ -79,7 +79,8 @@ class ModelLLM:
         on them, and its reply ends at EOS.
 
         Raises:
-            UsageError: images without a processor; a prefix-LM's images after an answer, or with ``tools``.
+            UsageError: images without a processor; a prefix-LM's images with messages that end with an answer,
+                or with ``tools``.
         """
         if "max_new_tokens" in options:  # in place of the model's max_length too
             options = {**options, "max_length": None}

@@ -77,6 +77,7 @@ from .background import BackgroundRun
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs, prompt_logprob_maps
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        _Body, sse)
+from .request_size import DEFAULT_MAX_REQUEST_BYTES, LimitBody, refuse_overlong_text
 from .response_store import DEFAULT_CAPACITY, RUNNING, ResponseStore, list_page, with_ids
 from .responses import (FINISHED, ResponsesRequest, ResponseWriter, StreamedMessage, checked_include,
                         drop_oldest_turn, partial_output, shown)
@@ -101,7 +102,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
               model_dir: str | None = None, pixel_bounds: dict[str | None, PixelBounds] | None = None,
               trust_request_chat_template: bool = False,
               template_kwargs: dict[str, Any] | None = None,
-              adapter_settings: Callable[[Path], tuple[ChatFormat | None, PixelBounds]] | None = None) -> FastAPI:
+              adapter_settings: Callable[[Path], tuple[ChatFormat | None, PixelBounds]] | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The application serving ``batcher``'s model as ``base_id`` and each adapter as its name.
 
     Args:
@@ -129,6 +131,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         adapter_settings: when given, ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` load and unload
             adapters while serving (:mod:`qlora.serve.adapter_updates`); it gives a loaded adapter folder's chat format
             and pixel bounds, as ``chat_formats`` and ``pixel_bounds`` give those of the adapters served from the start.
+        max_request_bytes: a request body over this many bytes is answered 413 before it is read whole (0: no
+            limit; :mod:`qlora.serve.request_size`).
     """
     chat_formats = dict(chat_formats or {})  # own copies: loads and unloads change them
     pixel_bounds = dict(pixel_bounds or {})
@@ -163,6 +167,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
 
     app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(_InternalErrors)
+    app.add_middleware(LimitBody, limit=max_request_bytes)  # inside the key's check: a request without it gets 401
     if api_key is not None:
         app.add_middleware(_RequireKey, api_key=api_key)
 
@@ -391,7 +396,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         try:
             prompt = prefix_prompt(image_processor_for(body.model), [m.as_dict() for m in messages]) if prefix else \
                 render_chat(tokenizer, messages, chat_format=chat_format, tools=tools, template_kwargs=template_options)
-        except UsageError as exc:  # a prefix-LM's images after an answer; else a template's failure, as below
+        except UsageError as exc:  # a prefix-LM's messages ending with an answer; else a template's failure, as below
             if prefix:
                 raise APIError(400, str(exc), "messages") from None
             raise _template_failure(exc, body.chat_template is not None) from None
@@ -405,6 +410,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         if images:
             prompt_ids, media = image_prompt(body.model, adapter, prompt, images)
         else:
+            if body.truncate_prompt_tokens is None:  # kept whole: one past the context is refused before it all is read
+                refuse_overlong_text(tokenizer, prompt, batcher.context_length, prompt_param)
             prompt_ids = tokenizer(prompt, add_special_tokens=body.add_special_tokens).input_ids  # vLLM's default:
             # none, the template writes them (apply_chat_template(tokenize=True)'s ids)
         template = chat_template(tokenizer, chat_format, tools=bool(tools))
@@ -629,6 +636,8 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         scored = [k for k in (echo_logprobs, body.prompt_logprobs) if k is not None]
         choices = []
         for number, prompt in enumerate(body.prompts()):
+            if isinstance(prompt, str) and body.truncate_prompt_tokens is None:
+                refuse_overlong_text(tokenizer, prompt, batcher.context_length, "prompt")
             if isinstance(prompt, str) and not body.add_special_tokens:
                 prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
             elif isinstance(prompt, str):

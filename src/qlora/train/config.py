@@ -154,6 +154,8 @@ class TrainConfig:
     max_samples: int = _opt(0, "use only the first N rows of each --data source (0: all)", range=NON_NEGATIVE)
     eval_data: str | None = _opt(None, "held-out data for eval loss and perplexity (same kinds as --data)")
     eval_data_split: str = _opt("test", "split of --eval-data (hub datasets, DatasetDict folders)")
+    eval_data_subset: str | None = _opt(None, "subset (configuration) of --eval-data's hub dataset that has several "
+                                              "(default: --data-subset, as TRL's dataset_config names both)")
     eval_split: float = _opt(0.0, "without --eval-data: hold out this share of --data (0 < x < 1, rounded up, as "
                                   "LLaMA-Factory's val_size) or this many examples (x >= 1) for eval loss, drawn with "
                                   "--seed (0: none)", range=NON_NEGATIVE)
@@ -347,6 +349,8 @@ class TrainConfig:
             values.update({k: getattr(self, k) for k in ("method", "beta", *_METHOD_OPTIONS)})
         if self.lr_scheduler == PLATEAU:  # its rates follow the eval losses
             values.update({k: getattr(self, k) for k in ("eval_data", "eval_data_split", "eval_steps")})
+            if self.eval_data_subset is not None:  # absent otherwise: checkpoints from before the option resume
+                values["eval_data_subset"] = self.eval_data_subset
             if self.eval_strategy != "auto":  # absent otherwise: checkpoints from before the strategies resume
                 values["eval_strategy"] = self.eval_strategy
             if self.eval_delay:  # absent otherwise: checkpoints from before it resume
@@ -457,6 +461,9 @@ class TrainConfig:
         if self.eval_split and self.eval_data:
             raise UsageError("--eval-split holds out part of --data for evaluation; this run has --eval-data "
                              f"{self.eval_data} for that: give one of the two.")
+        if self.eval_data_subset is not None and not self.eval_data:
+            raise UsageError(f"--eval-data-subset {self.eval_data_subset} picks a subset of --eval-data, and this run "
+                             "has none; give --eval-data (or --data-subset for --data).")
         self._validate_eval()
         if self.lora_plus_ratio and self.adalora:
             raise UsageError("--lora-plus-ratio applies to LoRA's B matrices; --adalora's triplets have none")

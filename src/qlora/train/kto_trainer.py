@@ -59,9 +59,10 @@ class KTOTrainer(PreferenceTrainer):
 
     def _read_data(self, source: str, split: str, split_option: str = "--data-split") -> list:
         cfg = self.config
-        return read_sources(source, split, cfg.data_subset, cfg.max_samples,
+        subset, subset_option = self._subset(split_option)
+        return read_sources(source, split, subset, cfg.max_samples,
                             lambda records: normalize_unpaired(records, cfg.data_fields, cfg.media_folder),
-                            cfg.dataset_dir, self.sample_rng, "kto", split_option)
+                            cfg.dataset_dir, self.sample_rng, "kto", split_option, subset_option)
 
     def _hold_out(self, examples: list) -> tuple[list, list]:
         """``--eval-split`` over rows: a preference pair's two answers, examples side by side from one row, are

@@ -111,9 +111,10 @@ class PreferenceTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def _read_data(self, source: str, split: str, split_option: str = "--data-split") -> list[PreferenceExample]:
         cfg = self.config
-        return read_sources(source, split, cfg.data_subset, cfg.max_samples,
+        subset, subset_option = self._subset(split_option)
+        return read_sources(source, split, subset, cfg.max_samples,
                             lambda records: normalize_preferences(records, cfg.data_fields, cfg.media_folder),
-                            cfg.dataset_dir, self.sample_rng, cfg.method, split_option)
+                            cfg.dataset_dir, self.sample_rng, cfg.method, split_option, subset_option)
 
     def _tokenize(self, examples: list[PreferenceExample]) -> tuple[list[TokenizedPair], Any]:
         pairs, report = tokenize_pairs(examples, self.tokenizer, self.chat_format, self.config.seq_len,

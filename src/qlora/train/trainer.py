@@ -386,9 +386,9 @@ class Trainer:
         check_split_of_files(cfg.data, cfg.data_split, cfg.data_subset, cfg.dataset_dir,
                              ("--data-split", "--data-subset"), "train")
         train_examples = self._read_data(cfg.data, cfg.data_split)
-        if cfg.eval_data:
-            check_split_of_files(cfg.eval_data, cfg.eval_data_split, None, cfg.dataset_dir,  # --data's subset
-                                 ("--eval-data-split", "--data-subset"), "test")
+        if cfg.eval_data:  # --data's subset, unless --eval-data-subset names one: not asked of --eval-data's files
+            check_split_of_files(cfg.eval_data, cfg.eval_data_split, cfg.eval_data_subset, cfg.dataset_dir,
+                                 ("--eval-data-split", "--eval-data-subset"), "test")
         eval_examples = (self._read_data(cfg.eval_data, cfg.eval_data_split, "--eval-data-split") if cfg.eval_data
                          else None)
         eval_ends = list(self._source_ends) if cfg.eval_data and cfg.method == "sft" else []
@@ -756,8 +756,17 @@ class Trainer:
             self._source_ends.append((self._source_ends[-1] if self._source_ends else 0) + len(examples))
             return examples
 
-        return read_sources(source, split, cfg.data_subset, cfg.max_samples, read, cfg.dataset_dir, self.sample_rng,
-                            split_option=split_option)
+        subset, subset_option = self._subset(split_option)
+        return read_sources(source, split, subset, cfg.max_samples, read, cfg.dataset_dir, self.sample_rng,
+                            split_option=split_option, subset_option=subset_option)
+
+    def _subset(self, split_option: str) -> tuple[str | None, str]:
+        """The subset of the data ``split_option`` gives the split of, and the option that picks it: --eval-data's
+        is --eval-data-subset, or without it --data-subset's (TRL's one dataset_config names both)."""
+        cfg = self.config
+        if split_option == "--eval-data-split":
+            return (cfg.data_subset if cfg.eval_data_subset is None else cfg.eval_data_subset), "--eval-data-subset"
+        return cfg.data_subset, "--data-subset"
 
     def _eval_parts(self, ends: list[int]) -> list[tuple[str, int, int]]:
         """``(name, start, end)`` of each --eval-data source's eval units, evaluated apart (its batches its own)

@@ -21,6 +21,7 @@ HELP = "serve a model and its adapters over the OpenAI HTTP API"
 STOPPED_BY_SIGTERM = True  # run as a service (systemd, docker stop): SIGTERM stops it as Ctrl-C does
 
 INSTALL_HINT = "FastAPI and uvicorn are not installed; install them with: pip install 'qlora[serve]'"
+MAX_REQUEST_BYTES = 100 << 20  # qlora.serve.request_size.DEFAULT_MAX_REQUEST_BYTES, not imported for --help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests decoded together at most; more wait for a free row")
     parser.add_argument("--max-model-len", type=number(int, Range(2)),
                         help="context length (prompt + reply) in tokens (default: the model's)")
+    parser.add_argument("--max-request-bytes", type=non_negative_int, default=MAX_REQUEST_BYTES, metavar="N",
+                        help="a request body over this many bytes is answered 413 before it is read whole (room for "
+                             "OpenAI's 50 MB of images a request, base64-encoded; 0: no limit). A prompt text whose "
+                             "first part alone has more tokens than the context is refused (400) without tokenizing "
+                             "the rest")
     parser.add_argument("--stored-responses", type=non_negative_int, default=1000, metavar="N",
                         help="Responses API responses kept in memory for previous_response_id and GET "
                              "/v1/responses/{id} (the least recently used dropped first, never a background response "
@@ -188,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
                     model_dir=args.model, pixel_bounds=bounds,
                     trust_request_chat_template=args.trust_request_chat_template,
                     template_kwargs=args.default_chat_template_kwargs,
-                    adapter_settings=adapter_settings(args, tokenizer) if args.allow_adapter_updates else None)
+                    adapter_settings=adapter_settings(args, tokenizer) if args.allow_adapter_updates else None,
+                    max_request_bytes=args.max_request_bytes)
     cors.allow(app, origins, methods, headers, args.allow_credentials)
     try:
         sock = bind(args.host, args.port)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import replace
 from functools import partial
@@ -52,6 +53,7 @@ from qlora.train.data.sources import Record
 
 FORMATS = ("alpaca", "chat", "sharegpt", "prompt-completion", "text")
 ROLES = ("system", "developer", "user", "assistant", "tool")
+_SYSTEM_ROLES = ("system", "developer")
 DETECT_ROWS = 32  # rows inspected to detect the format: one atypical first row must not decide it
 
 TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"  # TRL's per-row template variables
@@ -232,6 +234,7 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
     if fmt == "prompt-completion" and any(_system_prompt(r.fields) for r in records):
         convert = partial(_prompt_completion, chat=True)  # plain text has no place for a system prompt
     examples = []
+    _note_unread_text(records, fmt, how)
     for r in records:
         refuse_media(r.fields, r.where)
         try:
@@ -247,7 +250,38 @@ def normalize(records: list[Record], fmt: str = "auto", fields: FieldMap | str |
                 raise
             raise UsageError(f"{exc} This row looks like the {own} format, but the dataset is {fmt} ({how}); "
                              "a dataset holds one format: convert or remove this row.") from None
+    if fmt in ("chat", "sharegpt"):
+        _note_system_column_unused(records, examples)
     return examples
+
+
+def _note_unread_text(records: list[Record], fmt: str, how: str) -> None:
+    """Say once that rows detected as another format also have a ``text`` column, which is not read: tatsu-lab/alpaca
+    and vicgalle/alpaca-gpt4 hold each example written out in the Stanford prompt there, beside its columns. The
+    columns are trained, as LLaMA-Factory and axolotl read them (with the model's chat template, the answer alone),
+    where TRL's SFTTrainer would train the text whole."""
+    if fmt == "text" or not how.startswith("detected"):
+        return
+    first = next((r for r in records[:DETECT_ROWS] if isinstance(r.fields.get("text"), str)
+                  and row_format(r.fields) == fmt), None)
+    if first is not None:
+        print(f'qlora: {first.where}: the rows are read as the {fmt} format ({how}) and also have a "text" column, '
+              "which is not read (the columns are trained, as LLaMA-Factory and axolotl read them); --format text "
+              "trains that column instead.", file=sys.stderr)
+
+
+def _note_system_column_unused(records: list[Record], examples: list[Example]) -> None:
+    """Say once that rows with a ``system`` column begin with a system turn that differs from it: the turn is kept
+    and the column not read, as LLaMA-Factory's ShareGPT reader and axolotl's chat_template read such rows (a
+    conversation without a system turn first has the column put there)."""
+    unused = [r.where for r, e in zip(records, examples) if not _glaive(r.fields) and e.messages
+              and isinstance(r.fields.get("system"), str) and r.fields["system"].strip()
+              and e.messages[0]["role"] in _SYSTEM_ROLES and e.messages[0].get("content") != r.fields["system"]]
+    if unused:
+        many = f" (and {len(unused) - 1} more rows)" if len(unused) > 1 else ""
+        print(f'qlora: {unused[0]}{many}: a "system" column beside a conversation that begins with a different '
+              "system turn: the turn is used and the column not read, as LLaMA-Factory and axolotl read such rows; "
+              "remove one of the two to choose.", file=sys.stderr)
 
 
 def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
@@ -270,9 +304,16 @@ def _alpaca(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
                    skip=None if prompt else EMPTY_INSTRUCTION)
 
 
-def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+def _glaive(fields: dict[str, Any]) -> str | None:
+    """The column of a glaive-function-calling transcript a chat row is read from (its ``system`` column is the
+    transcript's own), or None."""
     column = transcript_column(fields)
-    if column and not _listed(fields.get("conversation")) and not _exchanges(fields.get(EXCHANGES_COLUMN)):
+    return column if not _listed(fields.get("conversation")) and not _exchanges(fields.get(EXCHANGES_COLUMN)) else None
+
+
+def _chat(fields: dict[str, Any], where: str, names: FieldMap) -> Example:
+    column = _glaive(fields)
+    if column:
         messages, tools = transcript(fields, where) if fields[column].strip() else ([], [])  # glaive-function-calling
         return Example(tuple(_message(m, f"{where}, message {i}", FieldMap(), "glaive") for i, m in enumerate(messages)),
                        None, where, tools=tuple(tools) or None)
@@ -312,8 +353,8 @@ def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap,
         raw = [{"role": role, "content": m[k]} for m in raw
                for role, k in zip(("user", "assistant"), _exchange_keys(m))]
     messages = [_message(m, f"{where}, message {i}", names, fmt) for i, m in enumerate(raw)]
-    system = fields.get("system")  # LLaMA-Factory's system column
-    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
+    system = fields.get("system")  # LLaMA-Factory's system column: first, unless the conversation begins with its own
+    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] in _SYSTEM_ROLES):
         messages.insert(0, {"role": "system", "content": system})
     return Example(tuple(messages), None, where, tools=row_tools(fields, where))
 

@@ -44,18 +44,18 @@ def data_sources(spec: str) -> list[str]:
 def read_sources(spec: str, split: str, subset: str | None, max_samples: int,
                  normalize: Callable[[list[Record]], list[T]], dataset_dir: str = "data",
                  rng: np.random.RandomState | None = None, method: str = "sft",
-                 split_option: str = "--data-split") -> list[T]:
+                 split_option: str = "--data-split", subset_option: str = "--data-subset") -> list[T]:
     """Every source of ``spec`` read, cut to ``max_samples`` rows (0: all) and normalized, in order;
     a name registered in ``<dataset_dir>/dataset_info.json`` is read as LLaMA-Factory declares it (its
     ``num_samples`` drawn from ``rng``: :func:`qlora.train.data.declared.sample_indices`), and an axolotl
     ``datasets:`` list (``spec`` as its JSON text) as axolotl declares it for the training ``method`` (its
-    types mean preference strategies under a preference method). ``split_option`` gave ``split`` (named where a
-    source lacks it)."""
+    types mean preference strategies under a preference method). ``split_option`` gave ``split`` and
+    ``subset_option`` ``subset`` (named where a source lacks them)."""
     examples: list[T] = []
     rng = rng if rng is not None else np.random.RandomState(DEFAULT_SEED)
     for source in _declared_sources(spec, dataset_dir, method):
         records = (read_declared(source, rng) if isinstance(source, DeclaredDataset)
-                   else load_records(source, split, subset, split_option=split_option))
+                   else load_records(source, split, subset, split_option=split_option, subset_option=subset_option))
         examples += normalize(records[:max_samples] if max_samples else records)
     return examples
 

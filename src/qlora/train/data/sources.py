@@ -92,7 +92,8 @@ def demo_data_path() -> Path:
 
 
 def load_records(source: str | Path, split: str = "train", subset: str | None = None, *,
-                 text_lines: bool = False, as_text: bool = False, split_option: str = "--data-split") -> list[Record]:
+                 text_lines: bool = False, as_text: bool = False, split_option: str = "--data-split",
+                 subset_option: str = "--data-subset") -> list[Record]:
     """Read every record of a local file or folder, or of a hub dataset.
 
     Args:
@@ -109,6 +110,8 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
         as_text: read a file as plain text whatever its suffix (axolotl's ``ds_type: text``).
         split_option: the option that gave ``split``, named where the split is not there (``--eval-data-split``
             for --eval-data).
+        subset_option: the option that gave ``subset``, named where the subset is not there or one is needed
+            (``--eval-data-subset`` for --eval-data).
 
     Raises:
         UsageError: unreadable or malformed file, unknown format, unknown
@@ -124,12 +127,12 @@ def load_records(source: str | Path, split: str = "train", subset: str | None = 
     elif path.is_file():
         records = _read_file(path, text_lines, as_text)
     elif path.is_dir():
-        records = _read_folder(path, split, subset, text_lines, as_text, split_option)
+        records = _read_folder(path, split, subset, text_lines, as_text, split_option, subset_option)
     elif _format_suffix(path) in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
         raise UsageError(f"{path}: data file not found (or not a regular file). Check the path given (--data or "
                          f"--eval-data).{near_local_path(path)}")
     else:
-        records = _read_hub(str(source), split, subset, split_option)
+        records = _read_hub(str(source), split, subset, split_option, subset_option)
     if not records:
         raise UsageError(f"{source}: the dataset is empty; it needs at least one example.")
     if path.exists():
@@ -639,7 +642,8 @@ def _read_arrow(path: Path) -> list[Record]:
 
 
 def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = False,
-                 as_text: bool = False, split_option: str = "--data-split") -> list[Record]:
+                 as_text: bool = False, split_option: str = "--data-split",
+                 subset_option: str = "--data-subset") -> list[Record]:
     """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files: the split's files as
     ``datasets`` picks them (by their names, or a README's ``configs``), each read as qlora reads that file alone
     (its bad line, repeated key or odd row named by file and line, which ``datasets`` reports as "An error occurred
@@ -670,7 +674,7 @@ def _read_folder(path: Path, split: str, subset: str | None, text_lines: bool = 
         files = {str(name): found for name, found in (datasets.load_dataset_builder(str(path), subset).config
                                                       .data_files or {}).items()}
     except ValueError as exc:  # unknown subset: datasets' message lists the existing ones
-        raise _subset_error(str(path), subset, exc, "--data-subset") from None
+        raise _subset_error(str(path), subset, exc, subset_option, subset_option) from None
     except Exception as exc:  # no data files, a dataset script, a README whose YAML header is broken
         raise UsageError(f"{path}: a folder given as --data must be written by save_to_disk or hold data files "
                          f"that datasets reads (json, csv, parquet, arrow, text): {type(exc).__name__}: {exc}") from None
@@ -695,7 +699,8 @@ def _cause(exc: BaseException) -> str:
     return f"; {type(cause).__name__}: {cause}" if cause is not None else ""
 
 
-def _read_hub(name: str, split: str, subset: str | None, split_option: str = "--data-split") -> list[Record]:
+def _read_hub(name: str, split: str, subset: str | None, split_option: str = "--data-split",
+              subset_option: str = "--data-subset") -> list[Record]:
     from qlora import hub
 
     near = near_local_path(name)
@@ -707,7 +712,7 @@ def _read_hub(name: str, split: str, subset: str | None, split_option: str = "--
     try:
         data = datasets.load_dataset(name, subset, split=split)
     except ValueError as exc:  # unknown split or subset: datasets' message lists the existing ones
-        raise _subset_error(name, subset, exc, f"{split_option}, --data-subset") from None
+        raise _subset_error(name, subset, exc, f"{split_option}, {subset_option}", subset_option) from None
     except Exception as exc:  # the hub raises many unrelated types; the user needs the message
         if hub.offline_mode():
             raise hub.unreachable_error(name, "dataset", f"a local data file ({', '.join(LOCAL_SUFFIXES)}) "
@@ -719,10 +724,11 @@ def _read_hub(name: str, split: str, subset: str | None, split_option: str = "--
     return _rows(data, f"{name}[{split}]")
 
 
-def _subset_error(source: str, subset: str | None, exc: ValueError, options: str) -> UsageError:
+def _subset_error(source: str, subset: str | None, exc: ValueError, options: str,
+                  subset_option: str = "--data-subset") -> UsageError:
     """``datasets``' refusal of a source's subset as one paragraph. Without a subset, of a source whose README
     defines several configurations and no default, ``datasets`` asks for one over several lines, with a Python
-    ``load_dataset`` call to copy: the subsets are named here with the option that picks one."""
+    ``load_dataset`` call to copy: the subsets are named here with the option that picks one (``subset_option``)."""
     import datasets
 
     names: list[str] = []
@@ -734,7 +740,7 @@ def _subset_error(source: str, subset: str | None, exc: ValueError, options: str
             names = []
     if len(names) > 1:
         return UsageError(f"{source}: the dataset has several subsets (configurations) and no default: "
-                          f"{', '.join(names)}. Choose one with --data-subset (e.g. --data-subset {names[0]}).")
+                          f"{', '.join(names)}. Choose one with {subset_option} (e.g. {subset_option} {names[0]}).")
     return UsageError(f"{source}: {' '.join(str(exc).split())} ({options})")
 
 
