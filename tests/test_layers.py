@@ -149,7 +149,8 @@ def test_a_module_named_in_a_string_is_an_import(tmp_path):
         '"""Models; see qlora.train.trainer."""\n_LAZY = {"Trainer": "qlora.train.trainer", "f": "qlora.model.load"}\n')
     (package / "model" / "load.py").write_text(
         'import importlib\n\ndef f(name):\n    """Not qlora.train."""\n'
-        '    importlib.import_module("qlora.train.trainer")\n    return importlib.import_module(f"qlora.train.{name}")\n')
+        '    importlib.import_module("qlora.train.trainer")\n'
+        '    return importlib.import_module(f"qlora.train.{name}")\n')
     assert _violations(tmp_path) == ["qlora/model/__init__.py:2: model imports qlora.train.trainer (train)",
                                      "qlora/model/load.py:5: model imports qlora.train.trainer (train)",
                                      "qlora/model/load.py:6: model imports qlora.train (train)"]
