@@ -51,7 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from qlora.chat.common_ends import common_prefix, common_suffix
+from qlora.chat.content_parts import reads_only_parts
 from qlora.chat.example import Example, blank_text, render_kwargs
+from qlora.chat.images import as_parts
 from qlora.chat.pieces import piece_ids
 from qlora.chat.reasoning import (REASONING_KEYS, THINK_CLOSE, THINK_OPEN, chunk_reasoning, fold, knows_think_markers,
                                   no_place_error, place_reasoning, reasoning_of, split_think)
@@ -331,13 +333,15 @@ def for_template(messages: Sequence[dict], template: str, tokenizer=None, where:
                  origin: str = "the chat template") -> list[dict]:
     """Messages as ``template`` can take them (:func:`qlora.model.chat_format.for_template`: roles,
     tool calls), with reasoning where the template (or ``tokenizer``'s ``<think>`` markers) takes it
-    (:func:`~qlora.chat.reasoning.place_reasoning`).
+    (:func:`~qlora.chat.reasoning.place_reasoning`), and each content as parts for a template that reads only parts
+    (:func:`~qlora.chat.content_parts.reads_only_parts`: LLaVA's prints no text of a string content).
 
     Raises:
         UsageError: an assistant turn has reasoning the template has no place for (naming ``where``).
     """
     shaped = chat_format.for_template(messages, template)
-    return place_reasoning(shaped, template, tokenizer, where, origin)
+    placed = place_reasoning(shaped, template, tokenizer, where, origin)
+    return as_parts(placed) if reads_only_parts(template) else placed
 
 
 def restore_final_reasoning(text: str, messages: Sequence[dict]) -> str:

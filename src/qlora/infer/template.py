@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Sequence
 
+from qlora.chat.content_parts import reads_only_parts, reads_parts
 from qlora.model.chat_format import ChatFormat, for_template
 from qlora.model.chat_format import stop_token_ids as _stop_token_ids
 from qlora.errors import UsageError
 
-from .content_parts import reads_only_parts, reads_parts
 from .messages import Message
 
 
@@ -56,7 +56,7 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     Templates without a system role (Gemma's, Mistral's first) raise on one; the
     system text then goes before the first user message, separated by a blank line.
     A content sent as several parts is handed over as its parts or its texts joined with newlines, as the
-    template reads it (:mod:`qlora.infer.content_parts`, vLLM's rule); a template that reads a content only as
+    template reads it (:mod:`qlora.chat.content_parts`, vLLM's rule); a template that reads a content only as
     parts gets a string content as one text part.
     ``tools`` (OpenAI function definitions) are passed to the template as ``tools``;
     ``template_kwargs`` go to ``apply_chat_template`` as its keyword arguments (template variables

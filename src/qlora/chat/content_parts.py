@@ -5,9 +5,9 @@ chosen by reading the template: one that loops over a message's content (``{% fo
 Llama 4, Gemma 3, Qwen2-VL, Mistral Small 3) gets the parts as a list of ``{"type": "text", "text": ...}``; any
 other gets their texts joined with newlines, as a string. qlora renders by the same rule, so a prompt sent in parts
 is the one vLLM builds from it. vLLM gives a content sent as a string to a template reading parts as one text part;
-qlora does so where the template never tests whether a content is a string (LLaVA's, SmolVLM's, Idefics'): it would
-loop over the string's characters and drop the text. One that tests renders a string itself (Gemma 4's system turn
-prints a content as is, a list as its Python repr).
+qlora does so, in training and inference alike, where the template never tests whether a content is a string
+(LLaVA's, SmolVLM's, Idefics'): it would loop over the string's characters and drop the text. One that tests
+renders a string itself (Gemma 4's system turn prints a content as is, a list as its Python repr).
 """
 
 from __future__ import annotations
