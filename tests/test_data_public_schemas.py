@@ -140,7 +140,7 @@ def test_zstd_compressed_jsonl_reads_as_its_plain_twin(tmp_path):
 
 def test_wikitext_blank_lines_are_skipped_not_refused(tmp_path, qwen_tokenizer):
     """Salesforce/wikitext (wikitext-2-raw-v1) serves a corpus line a row, a third of them empty strings."""
-    from qlora.chat.tokenize import tokenize_dataset
+    from qlora.train.data.tokenized_dataset import tokenize_dataset
     from qlora.train.data.text_blocks import text_blocks
 
     rows = [{"text": ""}, {"text": " = Valkyria Chronicles III = \n"}, {"text": ""},

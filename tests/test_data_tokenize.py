@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qlora.errors import UsageError
-from qlora.chat.tokenize import PROMPT_FILLS_SEQ_LEN
+from qlora.train.data.tokenized_dataset import PROMPT_FILLS_SEQ_LEN
 from qlora.model.tiny import train_tokenizer
 from qlora.train.data import (
     IGNORE_INDEX, TEMPLATES, Example, count_trainable_tokens, pad_collate, pad_token_id, resolve_chat_template,

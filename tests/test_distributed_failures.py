@@ -220,3 +220,20 @@ def test_a_rank_whose_launcher_is_gone_says_its_message_itself(tmp_path, monkeyp
     launch.report_error(launch.INTERRUPTED)
     assert capsys.readouterr().err == launch.INTERRUPTED + "\n"
     assert [p.name for p in folder.iterdir()] == ["rank-1.txt"]
+
+
+def test_a_rank_whose_output_is_gone_still_ends_with_its_status():
+    """end_rank ends a rank without Python's teardown (which can hang on a DDP model's process group); a flush
+    that fails (stdout a pipe whose reader is gone: ``qlora train --nproc 2 | head``) raised out of it instead, and
+    the rank went into that teardown with a traceback and status 1."""
+    code = ("import os, sys\n"
+            "reader, writer = os.pipe()\n"
+            "os.close(reader)\n"
+            "sys.stdout = os.fdopen(writer, 'w')\n"
+            "print('trained 2 steps')  # buffered, flushed by end_rank\n"
+            "from qlora.cli.launch import end_rank\n"
+            "end_rank(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr

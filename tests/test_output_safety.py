@@ -586,3 +586,25 @@ def test_a_checkpoint_set_aside_by_a_killed_save_is_found_at_once(tmp_path):
     killed_save()
     assert list_checkpoints(run)[-1] == newest and (newest / STATE_FILE).read_text() == "4"
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+
+def test_a_reader_of_a_run_in_progress_leaves_its_save_under_way(tmp_path):
+    """``qlora generate --adapter RUN`` (or eval, chat, serve) on a run without its final adapter reads the run's
+    checkpoints for its hint. Its process ids are not the writer's where it runs in another container or on another
+    machine (an eval job beside a training job on a shared volume): the writer's save under way looks like a killed
+    process's there. The reader put back a set-aside checkpoint and deleted that save's folder, failing the save."""
+    from qlora.model.local_path import adapter_folder_problem
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)  # an id no process here has: a writer seen from elsewhere
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000002" / "adapter").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000002" / "adapter" / "adapter_config.json").write_text("{}")
+    writing = run / "checkpoints" / f".step-0000004.tmp-{pid}-x1"
+    (writing / "adapter").mkdir(parents=True)
+    set_aside = run / "checkpoints" / f".step-0000003.old-{pid}"
+    (set_aside / "adapter").mkdir(parents=True)
+    (set_aside / "adapter" / "adapter_config.json").write_text("{}")
+    assert f"{run / 'checkpoints' / 'step-0000003' / 'adapter'}." in adapter_folder_problem(run)
+    assert (writing / "adapter").is_dir()  # the save goes on

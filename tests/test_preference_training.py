@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.chat.tokenize import PROMPT_FILLS_SEQ_LEN
+from qlora.train.data.tokenized_dataset import PROMPT_FILLS_SEQ_LEN
 from qlora.cli.main import main
 from qlora.errors import UsageError
 from qlora.train.config import load_config

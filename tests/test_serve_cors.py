@@ -29,7 +29,8 @@ def _preflight(url: str, origin: str) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir):
-    """One batcher behind three servers: CORS off (the default), one page allowed, and every page allowed."""
+    """One batcher behind five servers: CORS off (the default), one page allowed, every page allowed, one page
+    written as a user may write it (upper case, methods in lower case), and every page with credentials."""
     from qlora.infer.batcher import ContinuousBatcher
     from qlora.serve import cors
     from qlora.serve.app import build_app
@@ -37,16 +38,20 @@ def servers(tiny_model_dir):
 
     model, tokenizer = qlora.load_model(tiny_model_dir, quant=None, compute_dtype=torch.float32, device="cpu")
     batcher = ContinuousBatcher(model.eval(), tokenizer, max_batch_size=4, context_length=128).start()
-    apps = [build_app(batcher, "tiny", [], api_key=KEY) for _ in range(3)]
+    apps = [build_app(batcher, "tiny", [], api_key=KEY) for _ in range(5)]
     cors.allow(apps[1], cors.origins(PAGE))
     cors.allow(apps[2], cors.origins('["*"]'))
-    with BackgroundServer(apps[0]) as off, BackgroundServer(apps[1]) as page, BackgroundServer(apps[2]) as every:
-        yield off.url, page.url, every.url
+    cors.allow(apps[3], cors.origins("HTTP://LocalHost:3000,https://app.example.org:443"), cors.methods("get,post"),
+               cors.tokens("Authorization,Content-Type", "--allowed-headers"))
+    cors.allow(apps[4], cors.origins("*"), credentials=True)
+    with (BackgroundServer(apps[0]) as off, BackgroundServer(apps[1]) as page, BackgroundServer(apps[2]) as every,
+          BackgroundServer(apps[3]) as written, BackgroundServer(apps[4]) as credentials):
+        yield off.url, page.url, every.url, written.url, credentials.url
     batcher.close()
 
 
 def test_by_default_no_page_may_call_the_server(servers):
-    off, _, _ = servers
+    off, *_ = servers
     assert "access-control-allow-origin" not in _preflight(off, PAGE).headers
     reply = httpx.post(off + "/v1/chat/completions", json=BODY, headers={"Origin": PAGE,
                                                                          "Authorization": f"Bearer {KEY}"})
@@ -54,7 +59,7 @@ def test_by_default_no_page_may_call_the_server(servers):
 
 
 def test_an_allowed_page_passes_the_preflight_without_the_key_and_reads_replies_and_errors(servers):
-    _, page, _ = servers
+    _, page, *_ = servers
     preflight = _preflight(page, PAGE)
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == PAGE
@@ -71,7 +76,7 @@ def test_an_allowed_page_passes_the_preflight_without_the_key_and_reads_replies_
 
 
 def test_another_page_is_refused(servers):
-    _, page, _ = servers
+    _, page, *_ = servers
     preflight = _preflight(page, "http://evil.example")
     assert preflight.status_code == 400 and "access-control-allow-origin" not in preflight.headers
     reply = httpx.get(page + "/v1/models", headers={"Origin": "http://evil.example",
@@ -80,11 +85,42 @@ def test_another_page_is_refused(servers):
 
 
 def test_a_star_allows_every_page(servers):
-    _, _, every = servers
+    _, _, every, *_ = servers
     for origin in (PAGE, "https://app.example.org"):
         assert _preflight(every, origin).status_code == 200
         reply = httpx.get(every + "/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
         assert reply.headers["access-control-allow-origin"] == "*"
+
+
+def test_origins_and_methods_match_as_a_browser_writes_them(servers):
+    """A browser's Origin has its scheme and host in lower case and no default port, and it upper-cases the method
+    of a preflight (Fetch's normalization); the preflight compares them exactly, so an origin or a method written
+    otherwise matched no page: 'Disallowed CORS origin, method'."""
+    written = servers[3]
+    for origin in (PAGE, "https://app.example.org"):
+        preflight = _preflight(written, origin)
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == origin
+        assert "POST" in preflight.headers["access-control-allow-methods"].split(", ")
+    reply = httpx.post(written + "/v1/chat/completions", json=BODY, headers={"Origin": PAGE,
+                                                                             "Authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == PAGE
+
+
+def test_a_star_with_credentials_names_each_page_back(servers):
+    """The Fetch standard refuses a credentialed reply whose Access-Control-Allow-Origin is ``*``: with
+    --allow-credentials every page's own origin is named back, with ``Vary: Origin`` for caches (Starlette 0.36,
+    what fastapi 0.110 installs, sent ``*`` to a request without a cookie)."""
+    credentials = servers[4]
+    for origin in (PAGE, "https://app.example.org"):
+        preflight = _preflight(credentials, origin)
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == origin
+        assert preflight.headers["access-control-allow-credentials"] == "true"
+        reply = httpx.get(credentials + "/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
+        assert reply.headers["access-control-allow-origin"] == origin
+        assert reply.headers["access-control-allow-credentials"] == "true"
+        assert "origin" in reply.headers["vary"].lower()
 
 
 def test_the_options_take_vllm_s_json_lists_and_comma_lists():
@@ -95,6 +131,9 @@ def test_the_options_take_vllm_s_json_lists_and_comma_lists():
     assert cors.origins("http://a.example, http://b.example") == ("http://a.example", "http://b.example")
     assert cors.origins(None) == ()
     assert cors.tokens("GET,POST", "--allowed-methods") == ("GET", "POST")
+    assert cors.origins("HTTP://LocalHost:80,https://a.example:443,https://b.example:8443") == (
+        "http://localhost", "https://a.example", "https://b.example:8443")
+    assert cors.methods("get, Post,PATCH,purge") == ("GET", "POST", "PATCH", "purge")  # Fetch upper-cases six
 
 
 @pytest.mark.parametrize("option, value, shown", [

@@ -57,6 +57,18 @@ def test_messages_tokenize_as_the_chat_route_renders_them(qwen, generation_promp
         assert reply["count"] == chat["usage"]["prompt_tokens"]
 
 
+def test_a_chat_longer_than_the_context_is_counted_not_refused(qwen):
+    """vLLM's /tokenize checks no context length (what a client asks it to learn whether a chat fits): a chat longer
+    than --context-length was the chat route's 400 'context_length_exceeded', with no count."""
+    url, tokenizer = qwen
+    chat = [{"role": "user", "content": "two plus two " * 200}]
+    reply = _post(url, "/tokenize", {"messages": chat})
+    assert reply.status_code == 200, reply.text
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert reply.json()["tokens"] == ids and reply.json()["count"] > reply.json()["max_model_len"]
+    assert _post(url, "/tokenize", {"prompt": "two plus two " * 200}).json()["count"] > 256
+
+
 def test_detokenize_gives_the_text_back(qwen):
     url, tokenizer = qwen
     ids = _post(url, "/tokenize", {"messages": CHAT}).json()["tokens"]

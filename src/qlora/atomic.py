@@ -129,13 +129,16 @@ def _running(pid: int, leftover: Path) -> bool:
     return True
 
 
-def clear_leftovers(folder: Path, name: str | None = None) -> None:
+def clear_leftovers(folder: Path, name: str | None = None, remove: bool = True) -> None:
     """Tidy what :func:`atomic_dir` writes into ``folder`` (of target ``name``, or of any) left when their process
     was killed (kill -9, out of memory, power loss) before it could: a half-written copy is removed, and so is a
     previous content set aside once the new one has taken its place; one set aside when the kill fell between the
     two renames, with no target now, is put back, as the atomic write promises the previous folder. A running
     process's folders are left alone, and nothing else in ``folder`` is touched. Readers call it too (a resume, the
-    newest-checkpoint hint), so several processes may tidy at once: what another moved meanwhile is skipped."""
+    newest-checkpoint hint), so several processes may tidy at once: what another moved meanwhile is skipped.
+    ``remove=False``, a reader's tidy, only puts back: a process id tells a live writer only on its own machine and
+    in its own container, so a reader elsewhere (an eval started beside a training run) would take a save under way
+    for a killed one and delete it; the writer's next save removes what is left."""
     if not folder.is_dir():
         return
     for path in sorted(folder.iterdir()):
@@ -147,7 +150,7 @@ def clear_leftovers(folder: Path, name: str | None = None) -> None:
         if found["old"] and not (target.exists() or target.is_symlink()):
             with contextlib.suppress(FileNotFoundError):  # put back by another process's tidy a moment ago
                 os.replace(path, target)
-        else:
+        elif remove:
             shutil.rmtree(path, ignore_errors=True)
 
 

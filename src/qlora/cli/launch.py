@@ -8,6 +8,7 @@ failing rank's status: 2 for bad input, as a one-process run does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -159,11 +160,16 @@ def end_rank(status: int) -> NoReturn:
     C++ and holding the GIL, the gloo process group it still references, whose destructor joins worker threads
     that may need the GIL to free the tensors of the last collective: the rank then never ends (pytorch#56297;
     seen as a rank stuck after its run returned, with its launcher waiting for it). A command's function calls
-    this while its model is alive, as ``python -m qlora`` does for any other command's rank."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    this while its model is alive, as ``python -m qlora`` does for any other command's rank. An output that cannot
+    take what is left (a pipe whose reader is gone, a full disk) loses it, not the ending: a flush that raised went
+    on into that teardown instead."""
+    try:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # ValueError: a closed stream
+                stream.flush()
+    finally:
+        os._exit(status)
 
 
 def report_error(message: str, lost: bool = False) -> None:

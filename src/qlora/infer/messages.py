@@ -33,7 +33,7 @@ class Message:
     the current turn, and drop it from earlier turns. ``name`` is OpenAI's participant name, which some templates
     show (Kimi K2's, in place of the role). ``parts`` are the texts of a content a client sent as a list of parts
     (an image's the ``<image>`` placeholder), which ``content`` joins with newlines between texts: a template that
-    reads a content as a list gets them as parts, as vLLM hands them (:mod:`qlora.infer.content_parts`).
+    reads a content as a list gets them as parts, as vLLM hands them (:mod:`qlora.chat.content_parts`).
     """
 
     role: str

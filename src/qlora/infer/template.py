@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Sequence
 
+from qlora.chat.content_parts import reads_only_parts, reads_parts
 from qlora.model.chat_format import ChatFormat, for_template
 from qlora.model.chat_format import stop_token_ids as _stop_token_ids
 from qlora.errors import UsageError
 
-from .content_parts import reads_parts
 from .messages import Message
 
 
@@ -56,7 +56,8 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     Templates without a system role (Gemma's, Mistral's first) raise on one; the
     system text then goes before the first user message, separated by a blank line.
     A content sent as several parts is handed over as its parts or its texts joined with newlines, as the
-    template reads it (:mod:`qlora.infer.content_parts`, vLLM's rule).
+    template reads it (:mod:`qlora.chat.content_parts`, vLLM's rule); a template that reads a content only as
+    parts gets a string content as one text part.
     ``tools`` (OpenAI function definitions) are passed to the template as ``tools``;
     ``template_kwargs`` go to ``apply_chat_template`` as its keyword arguments (template variables
     such as Qwen3's ``enable_thinking``, or ``continue_final_message``, ``documents``, and
@@ -70,13 +71,15 @@ def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     if tools:
         extra["tools"] = [dict(t) for t in tools]
 
-    parts = reads_parts(template)
+    parts, only_parts = reads_parts(template), reads_only_parts(template)
 
     def apply(msgs: Sequence[Message]) -> str:
         from jinja2.exceptions import TemplateSyntaxError
 
         dicts = for_template([m.as_dict(parts) for m in msgs], template)
-        if any(m.images for m in msgs):  # every content as parts, as training renders rows with images
+        # every content as parts, as training renders rows with images; a template that reads only parts (LLaVA's)
+        # gets a string as one text part, as vLLM gives it: it would drop the text of a string
+        if only_parts or any(m.images for m in msgs):
             from qlora.chat.images import as_parts
 
             dicts = as_parts(dicts)

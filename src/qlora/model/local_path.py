@@ -102,8 +102,8 @@ def adapter_folder_problem(folder: str | Path) -> str | None:
                 f"adapters), and none of its own: give one of them, e.g. {folder / named[0]} (several --adapter "
                 "options load several).")
     # by step number, as a resume picks; a copy a user made beside them (step-0000700.bak) is no checkpoint; one set
-    # aside by a save killed between its renames put back first, as a resume does
-    clear_leftovers(folder / "checkpoints")
+    # aside by a save killed between its renames put back first, as a resume does (only that: this is a reader)
+    clear_leftovers(folder / "checkpoints", remove=False)
     saved = sorted((p for p in folder.glob("checkpoints/step-*/adapter/adapter_config.json")
                     if p.parent.parent.name[5:].isdecimal()), key=lambda p: int(p.parent.parent.name[5:]))
     if saved:  # a qlora train output whose run stopped before its end wrote the final adapter

@@ -330,9 +330,11 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
                                 "template", "chat_template") from None
         return ChatFormat(body.chat_template, "the request's chat_template")
 
-    def chat_choices(body: ChatCompletionRequest, adapter: str | None, prompt_param: str = "messages") -> list[_Choice]:
+    def chat_choices(body: ChatCompletionRequest, adapter: str | None, prompt_param: str = "messages",
+                     fits: bool = True) -> list[_Choice]:
         """The batch rows of a chat request (``n`` choices), its tools, forced call and JSON reply set up;
-        ``prompt_param`` names the request's field a too-long or empty prompt came from."""
+        ``prompt_param`` names the request's field a too-long or empty prompt came from; ``fits=False``: a prompt
+        longer than the context is not refused (``/tokenize`` counts it)."""
         chat_format = request_format(body) or chat_formats.get(adapter)
         guide = check_extras(body, batcher.context_length)
         masked = token_filter(body, tokenizer)
@@ -431,7 +433,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
         echo = last.text(len(body.messages) - 1)[0] if body.echo and last.role == role else ""
         choices = []
         for index in range(body.n):  # each choice is its own row, with its own constraint state and seed
-            generation = _generation(batcher, body, adapter, prompt_ids, stops, prompt_param, index)
+            generation = _generation(batcher, body, adapter, prompt_ids, stops, prompt_param, index, fits)
             # continuing the last message: its text goes on after the prompt's, its first word's space kept (vLLM)
             generation.continues_prompt = template_options["continue_final_message"]
             generation.media = media
@@ -672,7 +674,7 @@ def build_app(batcher: ContinuousBatcher, base_id: str, adapters: list[str], api
             return tokenizer(body.prompt, add_special_tokens=False).input_ids
         if body.prompt is not None:
             return _encode(model, tokenizer, body.prompt)
-        return chat_choices(body.chat(model_id), adapter)[0].generation.prompt_ids
+        return chat_choices(body.chat(model_id), adapter, fits=False)[0].generation.prompt_ids  # vLLM checks no length
 
     @app.post("/tokenize")  # vLLM's: what a prompt or a chat costs, in the tokens the model reads
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -881,11 +883,12 @@ def _encode(model, tokenizer, text: str) -> list[int]:
 
 
 def _generation(batcher: ContinuousBatcher, body: _Body, adapter: str | None, prompt_ids: list[int],
-                stop_ids: frozenset[int], prompt_param: str, index: int = 0) -> Generation:
-    """The batch row of choice ``index`` (its own seed, see :func:`_choice_seed`)."""
+                stop_ids: frozenset[int], prompt_param: str, index: int = 0, fits: bool = True) -> Generation:
+    """The batch row of choice ``index`` (its own seed, see :func:`_choice_seed`); ``fits=False``: a prompt that
+    leaves no room for a reply is kept (a row only counted, never run)."""
     prompt_ids = truncated(body, prompt_ids, batcher.context_length)
     room = batcher.context_length - len(prompt_ids)
-    if room <= 0:
+    if room <= 0 and fits:
         raise APIError(400, f"This model's maximum context length is {batcher.context_length} tokens (prompt and "
                             f"reply). However, the {prompt_param} resulted in {len(prompt_ids)} tokens, which leaves "
                             f"no room for a reply. Shorten the {prompt_param}.", prompt_param,

@@ -20,6 +20,8 @@ from ..errors import UsageError
 
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", re.IGNORECASE)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP method or header name
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}  # a browser's Origin leaves them out
+_NORMALIZED_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT")  # a browser sends these upper-case
 
 
 def _items(text: str, option: str) -> list[str]:
@@ -56,7 +58,17 @@ def origins(text: str | None) -> tuple[str, ...]:
             shown = item.rstrip("/") if _ORIGIN.fullmatch(item.rstrip("/")) else "http://localhost:3000"
             raise UsageError(f"--allowed-origins: {item!r} is not an origin; write it as a browser sends it, "
                              f"scheme://host[:port] without a path or trailing slash (e.g. {shown}), or * for any")
-    return tuple(items)
+    return tuple(_as_sent(item) for item in items)
+
+
+def _as_sent(origin: str) -> str:
+    """``origin`` as a browser writes it in ``Origin`` (compared as it is): scheme and host in lower case, without
+    the scheme's default port (``HTTP://LocalHost:80`` is sent as ``http://localhost``)."""
+    if origin == "*":
+        return origin
+    origin = origin.lower()
+    port = _DEFAULT_PORTS.get(origin.partition(":")[0])
+    return origin[:-len(port)] if port and origin.endswith(port) else origin
 
 
 def tokens(text: str, option: str) -> tuple[str, ...]:
@@ -72,14 +84,28 @@ def tokens(text: str, option: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def methods(text: str) -> tuple[str, ...]:
+    """``--allowed-methods``: as :func:`tokens`, with the methods a browser upper-cases (``post``, sent as
+    ``POST``) upper-cased, as the preflight compares them exactly.
+
+    Raises:
+        UsageError: an entry that is no HTTP method.
+    """
+    return tuple(m.upper() if m.upper() in _NORMALIZED_METHODS else m for m in tokens(text, "--allowed-methods"))
+
+
 def allow(app, allowed_origins: Sequence[str], methods: Sequence[str] = ("*",), headers: Sequence[str] = ("*",),
           credentials: bool = False) -> None:
     """Answer cross-origin requests from ``allowed_origins`` (none: the browser's same-origin rule holds) with
     ``methods`` and ``headers``; added last, so it wraps every other layer: a preflight is answered before the API
-    key is asked for (browsers send none with it), and errors carry the headers too, for the page to read them."""
+    key is asked for (browsers send none with it), and errors carry the headers too, for the page to read them.
+    ``*`` with ``credentials`` names each page's origin back (with ``Vary: Origin``): browsers refuse a credentialed
+    reply allowed to ``*``, which Starlette 0.36 (fastapi 0.110's) gave a request without a cookie."""
     if not allowed_origins:
         return
     from starlette.middleware.cors import CORSMiddleware
 
-    app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=list(methods),
+    every = "*" in allowed_origins and credentials  # each page's origin named back: browsers refuse * with them
+    app.add_middleware(CORSMiddleware, allow_origins=[] if every else list(allowed_origins),
+                       allow_origin_regex=".*" if every else None, allow_methods=list(methods),
                        allow_headers=list(headers), allow_credentials=credentials)

@@ -81,7 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..infer.forced_call import tool_arguments
 from ..infer.json_schema import Node, SchemaError, compile_schema, unenforced_keywords
 from ..errors import UsageError
-from ..infer.content_parts import PART_SEPARATOR
+from ..chat.content_parts import PART_SEPARATOR
 from ..infer.messages import IMAGE_PLACEHOLDER, Message
 from ..infer.tool_calls import tool_definition_problem
 from ..template_kwargs import render_parameter

@@ -76,7 +76,7 @@ from qlora.chat.prefix_lm import packed_windows, prefix_type
 from qlora.chat.prefix_suffix import image_row_tokenizer
 from qlora.train.data.selection import check_split_of_files, hold_out, read_sources, source_names
 from qlora.train.data.text_blocks import text_blocks
-from qlora.chat.tokenize import DataReport, NothingToTrain
+from qlora.train.data.tokenized_dataset import DataReport, NothingToTrain
 from qlora.train.file_fingerprint import changed_file, model_fingerprints
 from qlora.train.log_window import window_record
 from qlora.train.loss import chunked_loss_matches, model_inputs, token_loss_sum

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ...model.trained_tokens import turn_end_ids
     from ...errors import UsageError
     from ...train.data.text_blocks import text_blocks
-    from ...chat.tokenize import NothingToTrain
+    from ...train.data.tokenized_dataset import NothingToTrain
     from ...train.trainer import compute_dtype_for, token_loss_sum
 
     fields = parse_data_fields(args.data_fields)  # checked before the model loads

@@ -170,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is None:  # an empty $QLORA_API_KEY means no key, as if unset
         args.api_key = os.environ.get("QLORA_API_KEY") or None
     origins = cors.origins(args.allowed_origins)  # checked before the (slow) model load
-    methods, headers = (cors.tokens(args.allowed_methods, "--allowed-methods"),
-                        cors.tokens(args.allowed_headers, "--allowed-headers"))
+    methods, headers = cors.methods(args.allowed_methods), cors.tokens(args.allowed_headers, "--allowed-headers")
     names = list(adapter_names(args))
     base_id = args.served_model_name or Path(args.model.rstrip("/")).name
     if base_id in names:

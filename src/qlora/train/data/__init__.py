@@ -6,7 +6,7 @@ The training loop needs only this pipeline::
     examples = normalize(records, fmt="auto", fields="")  # formats.py (+ fields.py: --data-fields)
     # reasoning traces are placed for the template by chat/reasoning.py, inside tokenize_dataset
     fmt = resolve_chat_format(tokenizer, "auto", date="2026-01-31")  # templates.py (+ model/chat_format.py)
-    tokenized, report = tokenize_dataset(examples, tokenizer, fmt, "assistant", seq_len)
+    tokenized, report = tokenize_dataset(examples, tokenizer, fmt, "assistant", seq_len)  # tokenized_dataset.py
     order = shuffled_indices(len(tokenized), seed, epoch)  # collate.py
     batch = pad_collate([tokenized[i] for i in order[:8]], pad_token_id(tokenizer))
     # or, with packing: check_packing_supported(attn); rows = pack_examples(ordered, seq_len)
@@ -14,8 +14,8 @@ The training loop needs only this pipeline::
     #                   batch = packed_collate(rows[:8], pad_token_id(tokenizer), attn, dtype, windows)
     loss_denominator = count_trainable_tokens(batch)  # summed over the accumulated batch
 
-``Example``, ``tokenize_example`` and ``tokenize_dataset`` are :mod:`qlora.chat`'s (inference tokenizes a
-conversation as training does); they are named here as steps of this pipeline.
+``Example`` and ``tokenize_example`` are :mod:`qlora.chat`'s (inference tokenizes a conversation as training
+does); they are named here as steps of this pipeline.
 
 Names are imported lazily, so that a light module of this package (``fields``, ``sources``: what
 ``qlora train`` checks its options with) does not import torch and transformers with the collators.
@@ -28,7 +28,7 @@ _LAZY = {
     "IGNORE_INDEX": "qlora.chat.tokenize",
     "TEMPLATES": "qlora.train.data.templates",
     "TRAIN_ON": "qlora.chat.tokenize",
-    "DataReport": "qlora.chat.tokenize",
+    "DataReport": "qlora.train.data.tokenized_dataset",
     "Example": "qlora.chat.example",
     "FieldMap": "qlora.train.data.fields",
     "PackedRow": "qlora.train.data.packing",
@@ -53,7 +53,7 @@ _LAZY = {
     "resolve_chat_format": "qlora.train.data.templates",
     "resolve_chat_template": "qlora.train.data.templates",
     "shuffled_indices": "qlora.train.data.collate",
-    "tokenize_dataset": "qlora.chat.tokenize",
+    "tokenize_dataset": "qlora.train.data.tokenized_dataset",
     "tokenize_example": "qlora.chat.tokenize",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)

@@ -55,8 +55,7 @@ from qlora.chat.example import Example, render_kwargs
 from qlora.chat.image_examples import expanded_prompt, image_batch
 from qlora.chat.images import ImageRef, as_parts, attach_images, has_image_parts, images_in, refuse_media
 from qlora.chat.pieces import is_written, piece_ids
-from qlora.chat.tokenize import (IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, for_template,
-                                 rendering_kwargs, require_eos, tokenize_example)
+from qlora.chat.tokenize import IGNORE_INDEX, for_template, rendering_kwargs, require_eos, tokenize_example
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.model.image_processor import image_token_id
@@ -65,6 +64,7 @@ from qlora.train.data.fields import (FieldMap, message_like, pair_hint, parse_da
 from qlora.train.data.formats import (EMPTY_ANSWER, empty_answer, listed_messages, normalize, row_template_kwargs,
                                      row_tools, unpaired_error, unpaired_label)
 from qlora.train.data.sources import Record
+from qlora.train.data.tokenized_dataset import PROMPT_FILLS_SEQ_LEN, DataReport, first_places
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = tuple[dict[str, str], ...]

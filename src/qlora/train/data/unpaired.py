@@ -37,7 +37,7 @@ import torch
 from qlora.chat.common_ends import common_prefix
 from qlora.chat.image_examples import expanded_prompt, image_batch, token_aligned
 from qlora.chat.images import ImageRef, as_parts, images_in, refuse_media
-from qlora.chat.tokenize import IGNORE_INDEX, PROMPT_FILLS_SEQ_LEN, DataReport, first_places, require_eos
+from qlora.chat.tokenize import IGNORE_INDEX, require_eos
 from qlora.errors import UsageError
 from qlora.model.chat_format import ChatFormat
 from qlora.train.data.fields import FieldMap, pair_hint, unsupported_rows
@@ -46,6 +46,7 @@ from qlora.train.data.preference import (Messages, PreferenceExample, full_ids, 
                                          pair_from_row, prompt_example, prompt_ids, prompt_with_images,
                                          refuse_answer_images, refuse_image_tokens, renamed_source, with_system)
 from qlora.train.data.sources import Record
+from qlora.train.data.tokenized_dataset import PROMPT_FILLS_SEQ_LEN, DataReport, first_places
 
 _ROW_KEYS = ("input_ids", "attention_mask", "labels")
 

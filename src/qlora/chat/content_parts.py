@@ -4,7 +4,10 @@ A client may send a message's content as several parts. vLLM hands them to the t
 chosen by reading the template: one that loops over a message's content (``{% for part in message['content'] %}``:
 Llama 4, Gemma 3, Qwen2-VL, Mistral Small 3) gets the parts as a list of ``{"type": "text", "text": ...}``; any
 other gets their texts joined with newlines, as a string. qlora renders by the same rule, so a prompt sent in parts
-is the one vLLM builds from it.
+is the one vLLM builds from it. vLLM gives a content sent as a string to a template reading parts as one text part;
+qlora does so, in training and inference alike, where the template never tests whether a content is a string
+(LLaVA's, SmolVLM's, Idefics'): it would loop over the string's characters and drop the text. One that tests
+renders a string itself (Gemma 4's system turn prints a content as is, a list as its Python repr).
 """
 
 from __future__ import annotations
@@ -52,13 +55,21 @@ def _targets(node: nodes.Node) -> list[str]:
 
 
 @functools.lru_cache(maxsize=64)
+def _parsed(template: str) -> nodes.Template | None:
+    """The template's syntax tree; None for a template that is not valid Jinja."""
+    try:
+        return ImmutableSandboxedEnvironment(extensions=[loopcontrols, _Generation]).parse(template)
+    except Exception:  # a template transformers cannot render either: it fails where it is rendered
+        return None
+
+
+@functools.lru_cache(maxsize=64)
 def reads_parts(template: str) -> bool:
     """Whether ``template`` loops over a message's content: over ``m['content']`` (or ``m.content``) where ``m``
     is a loop variable over the messages (or over a variable set from them, ``loop_messages = messages[1:]``), or
     over a variable named ``content``. False for a template that is not valid Jinja."""
-    try:
-        tree = ImmutableSandboxedEnvironment(extensions=[loopcontrols, _Generation]).parse(template)
-    except Exception:  # a template transformers cannot render either: it fails where it is rendered
+    tree = _parsed(template)
+    if tree is None:
         return False
     lists = {"messages"}
     grew = True
@@ -72,6 +83,24 @@ def reads_parts(template: str) -> bool:
     loops = list(tree.find_all(nodes.For))
     items = {name for loop in loops if _is_name(_source(loop.iter), lists) for name in _targets(loop.target)}
     return any(_is_content_of(_source(loop.iter), items) or _is_name(loop.iter, {"content"}) for loop in loops)
+
+
+@functools.lru_cache(maxsize=64)
+def reads_only_parts(template: str) -> bool:
+    """Whether ``template`` reads a content as parts (:func:`reads_parts`) and never tests one for a string
+    (``message['content'] is string``, ``messages[0].content is not string``, ``content is string``): a string
+    content is then given as one text part."""
+    return reads_parts(template) and not any(test.name == "string" and _is_a_content(_source(test.node))
+                                             for test in _parsed(template).find_all(nodes.Test))
+
+
+def _is_a_content(node: nodes.Node) -> bool:
+    """Whether ``node`` reads some message's content: ``x['content']``, ``x.content`` or a variable ``content``."""
+    if isinstance(node, nodes.Getattr):
+        return node.attr == "content"
+    if isinstance(node, nodes.Getitem):
+        return isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+    return _is_name(node, {"content"})
 
 
 class _Generation(Extension):
