@@ -8,7 +8,7 @@ the hub's (Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct); LLaVA's i
 Aya Vision's and ViP-LLaVA's are LLaVA's too (HunyuanVL's with its image placeholder between its start and end
 tokens), Idefics2's SmolVLM's, GLM-4.1V's Qwen2-VL's with GLM's image markers; PaliGemma (its processor's prefix
 and suffix) has none. Families whose processor takes a video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V,
-SmolVLM2, InternVL, LLaVA-OneVision) and Mistral 3 (whose
+SmolVLM2, InternVL, LLaVA-OneVision, Gemma 4: its audio feature extractor too, and the real template) and Mistral 3 (whose
 PixtralProcessor needs torchvision) get the hub's files written as the hub has them (the image processor's
 ``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
 its settings, the tokenizer and ``chat_template.jinja``): their processors cannot be built without torchvision.
@@ -53,6 +53,7 @@ LLAVA_TEMPLATE = (
     "<image>\n{% else %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
 GEMMA3_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "gemma-3.jinja").read_text()
+GEMMA4_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "gemma-4.jinja").read_text()
 
 INTERNVL_TEMPLATE = LLAVA_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")  # the hub's -hf templates write <IMG_CONTEXT>
 
@@ -62,7 +63,10 @@ PROCESSORS = {"gemma3": "Gemma3Processor", "llava": "LlavaProcessor", "llava_nex
               "idefics3": "Idefics3Processor", "aya_vision": "AyaVisionProcessor", "paligemma": "PaliGemmaProcessor",
               "mistral3": "PixtralProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
               "qwen3_vl": "Qwen3VLProcessor", "smolvlm": "SmolVLMProcessor", "internvl": "InternVLProcessor",
-              "llava_onevision": "LlavaOnevisionProcessor", "hunyuan_vl": "HunYuanVLProcessor"}
+              "llava_onevision": "LlavaOnevisionProcessor", "hunyuan_vl": "HunYuanVLProcessor",
+              "gemma4": "Gemma4Processor"}
+# The video processor class a family's hub folder names (transformers 5's nested processor_config.json).
+VIDEO_PROCESSORS = {"qwen3_vl": "Qwen3VLVideoProcessor", "gemma4": "Gemma4VideoProcessor"}
 
 
 def _importable(name: str) -> bool:
@@ -82,7 +86,7 @@ MISSING = tuple(k for k in PROCESSORS if k not in CONFIG_MAPPING_NAMES)
 NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSING and not _importable(name))
 # Families whose processor takes a video processor: built without torchvision by qlora for images alone.
 VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "smolvlm", "internvl",
-                                    "llava_onevision")
+                                    "llava_onevision", "gemma4")
                        if k not in NEEDS_TORCHVISION)
 FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "vipllava", "idefics2", "idefics3", "aya_vision",
                              *VIDEO_FAMILIES, "mistral3", "hunyuan_vl")
@@ -103,6 +107,7 @@ class HubFiles(NamedTuple):
     image_processor_type: str  # the class the hub's preprocessor_config.json names
     settings: dict
     chat_template: str
+    feature_extractor: object = None  # an audio one beside the images (Gemma 4's)
 
 
 def _pil(name: str, **kwargs):
@@ -256,6 +261,24 @@ def _family(kind: str):
             vision_config=vision, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
             image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
             video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
+    if kind == "gemma4":  # images of up to 70 soft tokens (its smallest budget), each 2 x 2 pool of 14-pixel patches
+        from transformers import Gemma4AudioFeatureExtractor
+
+        names = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                 "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+        tok = _tokenizer(kind, ["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|video|>", *names.values()],
+                         "<turn|>", names)
+        images = _pil("Gemma4ImageProcessor", patch_size=14, max_soft_tokens=70, pooling_kernel_size=2)
+        proc = HubFiles(PROCESSORS[kind], images, "Gemma4ImageProcessor", dict(image_seq_length=70), GEMMA4_TEMPLATE,
+                        Gemma4AudioFeatureExtractor())
+        ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+        text = dict(model_type="gemma4_text", layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                    hidden_size_per_layer_input=16, vocab_size_per_layer_input=len(tok), global_head_dim=16)
+        return tok, proc, text, dict(
+            vision_config=dict(_VISION, model_type="gemma4_vision", num_key_value_heads=2, head_dim=16, patch_size=14,
+                               pooling_kernel_size=2, position_embedding_size=64), audio_config=None,
+            image_token_id=ids["image_token"], boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"],
+            audio_token_id=ids["audio_token"], boa_token_id=ids["boa_token"])
     if kind == "smolvlm":
         tok = _tokenizer(kind, ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
                          "<end_of_utterance>")
@@ -315,6 +338,9 @@ def _write_hub_files(out: Path, files: HubFiles, tok, video_processor: str | Non
         path.unlink()
         processor["image_processor"] = {k: v for k, v in config.items() if k != "processor_class"}
         processor["video_processor"] = {"video_processor_type": video_processor, "merge_size": 2}
+    if files.feature_extractor is not None:
+        processor["feature_extractor"] = {k: v for k, v in json.loads(files.feature_extractor.to_json_string()).items()
+                                          if k != "processor_class"}
     else:
         path.write_text(json.dumps(config, indent=2))
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
@@ -336,7 +362,7 @@ def build_image_model(out_dir: str | Path, kind: str, seed: int = 0, vision: dic
     out = Path(out_dir)
     model.save_pretrained(out)
     if isinstance(proc, HubFiles):
-        _write_hub_files(out, proc, tok, "Qwen3VLVideoProcessor" if kind == "qwen3_vl" else None)
+        _write_hub_files(out, proc, tok, VIDEO_PROCESSORS.get(kind))
     else:
         proc.save_pretrained(out)
     return out
