@@ -8,7 +8,8 @@ the hub's (Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct); LLaVA's i
 Aya Vision's and ViP-LLaVA's are LLaVA's too (HunyuanVL's with its image placeholder between its start and end
 tokens), Idefics2's SmolVLM's, GLM-4.1V's Qwen2-VL's with GLM's image markers; PaliGemma (its processor's prefix
 and suffix) has none. Families whose processor takes a video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V,
-SmolVLM2, InternVL, LLaVA-OneVision, Gemma 4: its audio feature extractor too, and the real template) and Mistral 3 (whose
+SmolVLM2, InternVL, LLaVA-OneVision, Gemma 4: its audio feature extractor too, and the real template; Qwen3.5
+and LFM3-VL: Qwen3-VL's processor, tokens and template) and Mistral 3 (whose
 PixtralProcessor needs torchvision) get the hub's files written as the hub has them (the image processor's
 ``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
 its settings, the tokenizer and ``chat_template.jinja``): their processors cannot be built without torchvision.
@@ -64,9 +65,10 @@ PROCESSORS = {"gemma3": "Gemma3Processor", "llava": "LlavaProcessor", "llava_nex
               "mistral3": "PixtralProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
               "qwen3_vl": "Qwen3VLProcessor", "smolvlm": "SmolVLMProcessor", "internvl": "InternVLProcessor",
               "llava_onevision": "LlavaOnevisionProcessor", "hunyuan_vl": "HunYuanVLProcessor",
-              "gemma4": "Gemma4Processor"}
+              "gemma4": "Gemma4Processor", "qwen3_5": "Qwen3VLProcessor", "lfm3_vl": "Lfm3VlProcessor"}
 # The video processor class a family's hub folder names (transformers 5's nested processor_config.json).
-VIDEO_PROCESSORS = {"qwen3_vl": "Qwen3VLVideoProcessor", "gemma4": "Gemma4VideoProcessor"}
+VIDEO_PROCESSORS = {"qwen3_vl": "Qwen3VLVideoProcessor", "qwen3_5": "Qwen3VLVideoProcessor",
+                    "gemma4": "Gemma4VideoProcessor", "lfm3_vl": "Qwen3VLVideoProcessor"}
 
 
 def _importable(name: str) -> bool:
@@ -86,7 +88,7 @@ MISSING = tuple(k for k in PROCESSORS if k not in CONFIG_MAPPING_NAMES)
 NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSING and not _importable(name))
 # Families whose processor takes a video processor: built without torchvision by qlora for images alone.
 VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "smolvlm", "internvl",
-                                    "llava_onevision", "gemma4")
+                                    "llava_onevision", "gemma4", "qwen3_5", "lfm3_vl")
                        if k not in NEEDS_TORCHVISION)
 FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "vipllava", "idefics2", "idefics3", "aya_vision",
                              *VIDEO_FAMILIES, "mistral3", "hunyuan_vl")
@@ -223,6 +225,27 @@ def _family(kind: str):
         return tok, proc, dict(model_type="mistral"), dict(
             vision_config=dict(_VISION, model_type="pixtral", image_size=56, patch_size=14, head_dim=16),
             spatial_merge_size=2, image_token_index=tok.convert_tokens_to_ids("[IMG]"))
+    if kind in ("qwen3_5", "lfm3_vl"):  # Qwen3-VL's processor and tokens; recurrent layers beside attention
+        tok, proc, _, spec = _family("qwen3_vl")
+        proc = proc._replace(processor_class=PROCESSORS[kind])
+        if kind == "qwen3_5":  # gated delta-net layers; a partial rotary (its real 0.25) split into 3 axes
+            spec["vision_config"]["model_type"] = "qwen3_5_vision"
+            rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                    "partial_rotary_factor": 0.5}
+            return tok, proc, dict(model_type="qwen3_5_text", head_dim=32, rope_parameters=rope,
+                                   layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                   linear_key_head_dim=16, linear_value_head_dim=16, linear_num_value_heads=4), spec
+        # LFM3-VL: short convolutions, sliding and full attention with a proportional rope on the full layers
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                "full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.5}}
+        vision = dict(model_type="lfm3_vl_vision", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=2, num_hidden_layers=2, layer_types=["conv", "full_attention"],
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+        return tok, proc, dict(model_type="lfm3", num_hidden_layers=3, sliding_window=8, rope_parameters=rope,
+                               layer_types=["conv", "sliding_attention", "full_attention"]), dict(
+            vision_config=vision, projector_hidden_size=64, image_token_id=spec["image_token_id"],
+            video_token_id=spec["video_token_id"], vision_start_token_id=spec["vision_start_token_id"],
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
     if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         tok = _tokenizer(kind, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
                          "<|im_end|>")
