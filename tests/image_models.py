@@ -9,7 +9,7 @@ Aya Vision's and ViP-LLaVA's are LLaVA's too (HunyuanVL's with its image placeho
 tokens), Idefics2's SmolVLM's, GLM-4.1V's Qwen2-VL's with GLM's image markers; PaliGemma (its processor's prefix
 and suffix) has none. Families whose processor takes a video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V,
 SmolVLM2, InternVL, LLaVA-OneVision, Gemma 4: its audio feature extractor too, and the real template; Qwen3.5
-and LFM3-VL: Qwen3-VL's processor, tokens and template) and Mistral 3 (whose
+and LFM3-VL: Qwen3-VL's processor, tokens and template; LLaVA-NeXT-Video: LLaVA-NeXT's) and Mistral 3 (whose
 PixtralProcessor needs torchvision) get the hub's files written as the hub has them (the image processor's
 ``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
 its settings, the tokenizer and ``chat_template.jinja``): their processors cannot be built without torchvision.
@@ -65,10 +65,12 @@ PROCESSORS = {"gemma3": "Gemma3Processor", "llava": "LlavaProcessor", "llava_nex
               "mistral3": "PixtralProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
               "qwen3_vl": "Qwen3VLProcessor", "smolvlm": "SmolVLMProcessor", "internvl": "InternVLProcessor",
               "llava_onevision": "LlavaOnevisionProcessor", "hunyuan_vl": "HunYuanVLProcessor",
-              "gemma4": "Gemma4Processor", "qwen3_5": "Qwen3VLProcessor", "lfm3_vl": "Lfm3VlProcessor"}
+              "gemma4": "Gemma4Processor", "qwen3_5": "Qwen3VLProcessor", "lfm3_vl": "Lfm3VlProcessor",
+              "llava_next_video": "LlavaNextVideoProcessor"}
 # The video processor class a family's hub folder names (transformers 5's nested processor_config.json).
 VIDEO_PROCESSORS = {"qwen3_vl": "Qwen3VLVideoProcessor", "qwen3_5": "Qwen3VLVideoProcessor",
-                    "gemma4": "Gemma4VideoProcessor", "lfm3_vl": "Qwen3VLVideoProcessor"}
+                    "gemma4": "Gemma4VideoProcessor", "lfm3_vl": "Qwen3VLVideoProcessor",
+                    "llava_next_video": "LlavaNextVideoVideoProcessor"}
 
 
 def _importable(name: str) -> bool:
@@ -88,7 +90,7 @@ MISSING = tuple(k for k in PROCESSORS if k not in CONFIG_MAPPING_NAMES)
 NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSING and not _importable(name))
 # Families whose processor takes a video processor: built without torchvision by qlora for images alone.
 VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "smolvlm", "internvl",
-                                    "llava_onevision", "gemma4", "qwen3_5", "lfm3_vl")
+                                    "llava_onevision", "gemma4", "qwen3_5", "lfm3_vl", "llava_next_video")
                        if k not in NEEDS_TORCHVISION)
 FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "vipllava", "idefics2", "idefics3", "aya_vision",
                              *VIDEO_FAMILIES, "mistral3", "hunyuan_vl")
@@ -154,10 +156,11 @@ def _family(kind: str):
             vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=56, patch_size=14),
             mm_tokens_per_image=4, image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],
             eoi_token_index=ids["eoi_token"])
-    if kind in ("llava", "llava_next", "vipllava"):
+    if kind in ("llava", "llava_next", "vipllava", "llava_next_video"):
         from transformers import LlavaNextProcessor, LlavaProcessor
 
-        tok = _tokenizer(kind, ["<image>"], "<|im_end|>", {"image_token": "<image>"})
+        names = {"image_token": "<image>", **({"video_token": "<video>"} if kind == "llava_next_video" else {})}
+        tok = _tokenizer(kind, list(names.values()), "<|im_end|>", names)
         sizes = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         spec = dict(vision_config=dict(_VISION, model_type="clip_vision_model", image_size=28, patch_size=14,
                                        projection_dim=32), image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -169,6 +172,12 @@ def _family(kind: str):
             del spec["vision_feature_layer"]
         if kind in ("llava", "vipllava"):
             proc = LlavaProcessor(_pil("CLIPImageProcessor", **sizes), tok, **common)
+        elif kind == "llava_next_video":  # LLaVA-NeXT's images; its processor takes the video processor first
+            pins = [[28, 28], [28, 56], [56, 28]]
+            proc = HubFiles(PROCESSORS[kind], _pil("LlavaNextImageProcessor", **sizes, image_grid_pinpoints=pins),
+                            "LlavaNextImageProcessor", {k: v for k, v in common.items() if k != "chat_template"},
+                            LLAVA_TEMPLATE)
+            spec.update(image_grid_pinpoints=pins, video_token_index=tok.convert_tokens_to_ids("<video>"))
         else:
             pins = [[28, 28], [28, 56], [56, 28]]
             proc = LlavaNextProcessor(_pil("LlavaNextImageProcessor", **sizes, image_grid_pinpoints=pins), tok,

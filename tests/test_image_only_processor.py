@@ -27,6 +27,7 @@ from qlora_processes import train_records
 no_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
                                     reason="AutoProcessor builds these processors")
 PLACEHOLDER = {"internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>", "smolvlm": "<image>",
+               "llava_next_video": "<image>",
                "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "gemma4": "<|image|>"}
 
 

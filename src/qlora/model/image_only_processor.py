@@ -1,15 +1,15 @@
 """A vision-language model's processor for images alone, for when ``AutoProcessor`` fails for want of torchvision.
 
-Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL, LLaVA-OneVision and Gemma 4 processors take a video
-processor, and every transformers video processor needs torchvision, so ``AutoProcessor`` cannot build them
-without it although their image processors have a PIL implementation. Images need no video processor: this
-builds the family's own processor class with the folder's image processor (``AutoImageProcessor``, which picks
-the PIL one when torchvision is missing), the run's tokenizer and the folder's processor settings and chat
-template, leaving the video processor out (an audio feature extractor beside them, Gemma 4's, needs no
-torchvision: it is read from the folder as transformers reads it). The class is subclassed only to declare that
-it holds no video processor (transformers checks each declared sub-processor's type); every method is
-transformers', so the ids and tensors are too. Families whose processor class or image processor needs
-torchvision itself (Mistral 3's ``PixtralProcessor``, Llama 4's image processor) cannot be built this way.
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video and Gemma 4 processors take a
+video processor, and every transformers video processor needs torchvision, so ``AutoProcessor`` cannot build them
+without it although their image processors have a PIL implementation. Images need no video processor: this builds
+the family's own processor class with the folder's image processor (``AutoImageProcessor``, which picks the PIL one
+when torchvision is missing), the run's tokenizer and the folder's processor settings and chat template, leaving the
+video processor out (an audio feature extractor beside them, Gemma 4's, needs no torchvision: it is read from the
+folder as transformers reads it). The class is subclassed only to declare that it holds no video processor
+(transformers checks each declared sub-processor's type); every method is transformers', so the ids and tensors are
+too. Families whose processor class or image processor needs torchvision itself (Mistral 3's ``PixtralProcessor``,
+Llama 4's image processor) cannot be built this way.
 """
 
 from __future__ import annotations
@@ -94,15 +94,19 @@ def _attributes(cls) -> list[str]:
 @cache
 def _without_videos(base: type, kept: tuple[str, ...], dropped: tuple[str, ...]) -> type:
     """``base`` declaring only the ``kept`` sub-processors; the ``dropped`` ones are given as None. A class between
-    ``base`` and ``ProcessorMixin`` in the method order takes them off what ``base`` hands on by keyword (Gemma 4's
-    ``super().__init__(..., video_processor=video_processor)``; positional ones past ``kept`` are ignored)."""
+    ``base`` and ``ProcessorMixin`` in the method order takes them off what ``base`` hands on, by keyword (Gemma 4's
+    ``super().__init__(..., video_processor=video_processor)``) or by position in ``base``'s own order of them
+    (LLaVA-NeXT-Video's ``super().__init__(video_processor, image_processor, tokenizer)``)."""
     from transformers.processing_utils import ProcessorMixin
+
+    order = _attributes(base)
 
     def __init__(self, *args, **kwargs):
         base.__init__(self, **dict(zip(kept, args)), **kwargs, **dict.fromkeys(dropped))
 
     def hand_on(self, *args, **kwargs):
-        ProcessorMixin.__init__(self, *args, **{k: v for k, v in kwargs.items() if k not in dropped})
+        given = {**dict(zip(order, args)), **kwargs}
+        ProcessorMixin.__init__(self, **{k: v for k, v in given.items() if k not in dropped})
 
     def get_attributes(cls) -> list[str]:
         return list(kept)
