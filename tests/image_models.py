@@ -8,7 +8,8 @@ the hub's (Qwen/Qwen2-VL-7B-Instruct, HuggingFaceTB/SmolVLM-Instruct); LLaVA's i
 Aya Vision's and ViP-LLaVA's are LLaVA's too (HunyuanVL's with its image placeholder between its start and end
 tokens), Idefics2's SmolVLM's, GLM-4.1V's Qwen2-VL's with GLM's image markers; PaliGemma (its processor's prefix
 and suffix) has none. Families whose processor takes a video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V,
-SmolVLM2, InternVL, LLaVA-OneVision) and Mistral 3 (whose
+SmolVLM2, InternVL, LLaVA-OneVision, Gemma 4: its audio feature extractor too, and the real template; Qwen3.5
+and LFM3-VL: Qwen3-VL's processor, tokens and template; LLaVA-NeXT-Video: LLaVA-NeXT's) and Mistral 3 (whose
 PixtralProcessor needs torchvision) get the hub's files written as the hub has them (the image processor's
 ``preprocessor_config.json`` with the hub's class name, ``processor_config.json`` naming the processor class and
 its settings, the tokenizer and ``chat_template.jinja``): their processors cannot be built without torchvision.
@@ -53,6 +54,7 @@ LLAVA_TEMPLATE = (
     "<image>\n{% else %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
 GEMMA3_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "gemma-3.jinja").read_text()
+GEMMA4_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "gemma-4.jinja").read_text()
 
 INTERNVL_TEMPLATE = LLAVA_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")  # the hub's -hf templates write <IMG_CONTEXT>
 
@@ -62,7 +64,13 @@ PROCESSORS = {"gemma3": "Gemma3Processor", "llava": "LlavaProcessor", "llava_nex
               "idefics3": "Idefics3Processor", "aya_vision": "AyaVisionProcessor", "paligemma": "PaliGemmaProcessor",
               "mistral3": "PixtralProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
               "qwen3_vl": "Qwen3VLProcessor", "smolvlm": "SmolVLMProcessor", "internvl": "InternVLProcessor",
-              "llava_onevision": "LlavaOnevisionProcessor", "hunyuan_vl": "HunYuanVLProcessor"}
+              "llava_onevision": "LlavaOnevisionProcessor", "hunyuan_vl": "HunYuanVLProcessor",
+              "gemma4": "Gemma4Processor", "qwen3_5": "Qwen3VLProcessor", "lfm3_vl": "Lfm3VlProcessor",
+              "llava_next_video": "LlavaNextVideoProcessor"}
+# The video processor class a family's hub folder names (transformers 5's nested processor_config.json).
+VIDEO_PROCESSORS = {"qwen3_vl": "Qwen3VLVideoProcessor", "qwen3_5": "Qwen3VLVideoProcessor",
+                    "gemma4": "Gemma4VideoProcessor", "lfm3_vl": "Qwen3VLVideoProcessor",
+                    "llava_next_video": "LlavaNextVideoVideoProcessor"}
 
 
 def _importable(name: str) -> bool:
@@ -82,7 +90,7 @@ MISSING = tuple(k for k in PROCESSORS if k not in CONFIG_MAPPING_NAMES)
 NEEDS_TORCHVISION = tuple(k for k, name in PROCESSORS.items() if k not in MISSING and not _importable(name))
 # Families whose processor takes a video processor: built without torchvision by qlora for images alone.
 VIDEO_FAMILIES = tuple(k for k in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "smolvlm", "internvl",
-                                    "llava_onevision")
+                                    "llava_onevision", "gemma4", "qwen3_5", "lfm3_vl", "llava_next_video")
                        if k not in NEEDS_TORCHVISION)
 FAMILIES = tuple(k for k in ("gemma3", "llava", "llava_next", "vipllava", "idefics2", "idefics3", "aya_vision",
                              *VIDEO_FAMILIES, "mistral3", "hunyuan_vl")
@@ -103,6 +111,7 @@ class HubFiles(NamedTuple):
     image_processor_type: str  # the class the hub's preprocessor_config.json names
     settings: dict
     chat_template: str
+    feature_extractor: object = None  # an audio one beside the images (Gemma 4's)
 
 
 def _pil(name: str, **kwargs):
@@ -147,10 +156,11 @@ def _family(kind: str):
             vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=56, patch_size=14),
             mm_tokens_per_image=4, image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],
             eoi_token_index=ids["eoi_token"])
-    if kind in ("llava", "llava_next", "vipllava"):
+    if kind in ("llava", "llava_next", "vipllava", "llava_next_video"):
         from transformers import LlavaNextProcessor, LlavaProcessor
 
-        tok = _tokenizer(kind, ["<image>"], "<|im_end|>", {"image_token": "<image>"})
+        names = {"image_token": "<image>", **({"video_token": "<video>"} if kind == "llava_next_video" else {})}
+        tok = _tokenizer(kind, list(names.values()), "<|im_end|>", names)
         sizes = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         spec = dict(vision_config=dict(_VISION, model_type="clip_vision_model", image_size=28, patch_size=14,
                                        projection_dim=32), image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -162,6 +172,12 @@ def _family(kind: str):
             del spec["vision_feature_layer"]
         if kind in ("llava", "vipllava"):
             proc = LlavaProcessor(_pil("CLIPImageProcessor", **sizes), tok, **common)
+        elif kind == "llava_next_video":  # LLaVA-NeXT's images; its processor takes the video processor first
+            pins = [[28, 28], [28, 56], [56, 28]]
+            proc = HubFiles(PROCESSORS[kind], _pil("LlavaNextImageProcessor", **sizes, image_grid_pinpoints=pins),
+                            "LlavaNextImageProcessor", {k: v for k, v in common.items() if k != "chat_template"},
+                            LLAVA_TEMPLATE)
+            spec.update(image_grid_pinpoints=pins, video_token_index=tok.convert_tokens_to_ids("<video>"))
         else:
             pins = [[28, 28], [28, 56], [56, 28]]
             proc = LlavaNextProcessor(_pil("LlavaNextImageProcessor", **sizes, image_grid_pinpoints=pins), tok,
@@ -218,6 +234,27 @@ def _family(kind: str):
         return tok, proc, dict(model_type="mistral"), dict(
             vision_config=dict(_VISION, model_type="pixtral", image_size=56, patch_size=14, head_dim=16),
             spatial_merge_size=2, image_token_index=tok.convert_tokens_to_ids("[IMG]"))
+    if kind in ("qwen3_5", "lfm3_vl"):  # Qwen3-VL's processor and tokens; recurrent layers beside attention
+        tok, proc, _, spec = _family("qwen3_vl")
+        proc = proc._replace(processor_class=PROCESSORS[kind])
+        if kind == "qwen3_5":  # gated delta-net layers; a partial rotary (its real 0.25) split into 3 axes
+            spec["vision_config"]["model_type"] = "qwen3_5_vision"
+            rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                    "partial_rotary_factor": 0.5}
+            return tok, proc, dict(model_type="qwen3_5_text", head_dim=32, rope_parameters=rope,
+                                   layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                   linear_key_head_dim=16, linear_value_head_dim=16, linear_num_value_heads=4), spec
+        # LFM3-VL: short convolutions, sliding and full attention with a proportional rope on the full layers
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                "full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.5}}
+        vision = dict(model_type="lfm3_vl_vision", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=2, num_hidden_layers=2, layer_types=["conv", "full_attention"],
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+        return tok, proc, dict(model_type="lfm3", num_hidden_layers=3, sliding_window=8, rope_parameters=rope,
+                               layer_types=["conv", "sliding_attention", "full_attention"]), dict(
+            vision_config=vision, projector_hidden_size=64, image_token_id=spec["image_token_id"],
+            video_token_id=spec["video_token_id"], vision_start_token_id=spec["vision_start_token_id"],
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
     if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         tok = _tokenizer(kind, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
                          "<|im_end|>")
@@ -256,6 +293,24 @@ def _family(kind: str):
             vision_config=vision, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
             image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
             video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
+    if kind == "gemma4":  # images of up to 70 soft tokens (its smallest budget), each 2 x 2 pool of 14-pixel patches
+        from transformers import Gemma4AudioFeatureExtractor
+
+        names = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                 "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+        tok = _tokenizer(kind, ["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|video|>", *names.values()],
+                         "<turn|>", names)
+        images = _pil("Gemma4ImageProcessor", patch_size=14, max_soft_tokens=70, pooling_kernel_size=2)
+        proc = HubFiles(PROCESSORS[kind], images, "Gemma4ImageProcessor", dict(image_seq_length=70), GEMMA4_TEMPLATE,
+                        Gemma4AudioFeatureExtractor())
+        ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+        text = dict(model_type="gemma4_text", layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                    hidden_size_per_layer_input=16, vocab_size_per_layer_input=len(tok), global_head_dim=16)
+        return tok, proc, text, dict(
+            vision_config=dict(_VISION, model_type="gemma4_vision", num_key_value_heads=2, head_dim=16, patch_size=14,
+                               pooling_kernel_size=2, position_embedding_size=64), audio_config=None,
+            image_token_id=ids["image_token"], boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"],
+            audio_token_id=ids["audio_token"], boa_token_id=ids["boa_token"])
     if kind == "smolvlm":
         tok = _tokenizer(kind, ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
                          "<end_of_utterance>")
@@ -315,6 +370,9 @@ def _write_hub_files(out: Path, files: HubFiles, tok, video_processor: str | Non
         path.unlink()
         processor["image_processor"] = {k: v for k, v in config.items() if k != "processor_class"}
         processor["video_processor"] = {"video_processor_type": video_processor, "merge_size": 2}
+    if files.feature_extractor is not None:
+        processor["feature_extractor"] = {k: v for k, v in json.loads(files.feature_extractor.to_json_string()).items()
+                                          if k != "processor_class"}
     else:
         path.write_text(json.dumps(config, indent=2))
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
@@ -336,7 +394,7 @@ def build_image_model(out_dir: str | Path, kind: str, seed: int = 0, vision: dic
     out = Path(out_dir)
     model.save_pretrained(out)
     if isinstance(proc, HubFiles):
-        _write_hub_files(out, proc, tok, "Qwen3VLVideoProcessor" if kind == "qwen3_vl" else None)
+        _write_hub_files(out, proc, tok, VIDEO_PROCESSORS.get(kind))
     else:
         proc.save_pretrained(out)
     return out

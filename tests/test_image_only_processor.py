@@ -27,7 +27,8 @@ from qlora_processes import train_records
 no_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
                                     reason="AutoProcessor builds these processors")
 PLACEHOLDER = {"internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>", "smolvlm": "<image>",
-               "glm4v": "<|begin_of_image|><|image|><|end_of_image|>"}
+               "llava_next_video": "<image>",
+               "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "gemma4": "<|image|>"}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,8 @@ def test_autoprocessor_needs_torchvision_and_qlora_builds_the_familys_class(kind
     assert isinstance(processor, getattr(transformers, name)) and type(processor).__name__ == name
     assert not hasattr(processor, "video_processor")
     assert type(processor.image_processor) is type(_family(kind)[1].image_processor)  # the PIL one
+    audio = _family(kind)[1].feature_extractor  # Gemma 4's, read from the folder as AutoFeatureExtractor reads it
+    assert getattr(processor, "feature_extractor", None).__class__ is audio.__class__
     assert processor.chat_template == (folder / "chat_template.jinja").read_text()
 
 
@@ -70,7 +73,7 @@ def test_outputs_are_the_image_processors_and_the_familys_token_counts(kind, bui
     folder, processor = built(kind)
     settings = json.loads((folder / "processor_config.json").read_text())
     assert all(getattr(processor, k) == v for k, v in settings.items()  # image_seq_len, ...
-               if k not in ("processor_class", "image_processor", "video_processor"))
+               if k not in ("processor_class", "image_processor", "video_processor", "feature_extractor"))
     direct = _family(kind)[1].image_processor  # the PIL image processor, constructed here with the hub's settings
     tok = processor.tokenizer
     placeholder = PLACEHOLDER.get(kind, "<|vision_start|><|image_pad|><|vision_end|>")

@@ -76,10 +76,12 @@ def _lora(model_dir, attn):
 # Families whose packed image rows are refused (test_packing_refused_where_the_forward_takes_no_text_positions):
 # GLM-4.1V's where transformers 4.x's decoder takes only its 3 rotary rows.
 PACKING_REFUSED = ("hunyuan_vl", *(("glm4v",) if transformers.__version__.startswith("4.") else ()))
+# Families with recurrent layers beside attention (Qwen3.5's gated delta-net, LFM3's short convolutions).
+RECURRENT = ("qwen3_5", "lfm3_vl")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", kind_params([k for k in KINDS if k not in PACKING_REFUSED]))
+@pytest.mark.parametrize("kind", kind_params([k for k in KINDS if k not in PACKING_REFUSED + RECURRENT]))
 def test_packed_images_are_each_example_alone(kind, attn, data, tmp_path):
     model_dir = build_image_model(tmp_path / kind, kind)
     units = _trainer(model_dir, data, tmp_path / "run").train_units
@@ -148,6 +150,16 @@ def test_packing_refused_where_the_forward_takes_no_text_positions(kind, data, t
                                          "without --packing"):
         _trainer(model_dir, data, tmp_path / "packed", packing=True)
     assert len(_trainer(model_dir, data, tmp_path / "run").train_units) == 5
+
+
+@pytest.mark.parametrize("kind", kind_params(RECURRENT))
+def test_packing_refused_for_recurrent_layers_of_a_vision_language_model(kind, data, tmp_path):
+    """A linear-attention or convolution layer's state would run from one packed example into the next."""
+    model_dir = build_image_model(tmp_path / kind, kind)
+    with pytest.raises(UsageError, match=r"--packing is not supported with this model's (linear_attention|conv) "
+                                         "layers: their state or chunks would run from one packed example into the "
+                                         "next"):
+        _trainer(model_dir, data, tmp_path / "packed", packing=True)
 
 
 def test_refused_where_the_model_masks_images_itself_and_with_group_texts(data, tmp_path):

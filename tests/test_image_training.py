@@ -124,7 +124,8 @@ def test_first_step_loss_is_transformers_loss_and_adapter_loads_in_peft(kind, mo
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", kind_params(("hunyuan_vl", "qwen2_vl", "glm4v", "vipllava", "idefics2")))
+@pytest.mark.parametrize("kind", kind_params(("hunyuan_vl", "qwen2_vl", "glm4v", "vipllava", "idefics2", "gemma4", "qwen3_5",
+                                                "lfm3_vl")))
 def test_per_token_losses_of_a_padded_batch_are_the_models_on_the_processors_batch(kind, models, data, tmp_path):
     """Two rows of different lengths in one padded batch: transformers' forward on the processor's own batch of them
     (its padding, its multimodal positions from the attention mask: HunyuanVL's 4 rotary axes, Qwen2-VL's 3) gives

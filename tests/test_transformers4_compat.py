@@ -68,6 +68,22 @@ def test_qwen2_vl_keeps_its_mrope_section_where_transformers_4_reads_it(tmp_path
 
 
 @transformers_5_save
+@pytest.mark.parametrize("model_type, extra", [("gemma4_text", {"layer_types": ["sliding_attention", "full_attention"]}),
+                                               ("lfm3", {})])
+def test_per_layer_type_rope_transformers_5_would_misread_is_left_alone(tmp_path, model_type, extra):
+    """Gemma 4's and LFM3's rope parameters per layer type (a proportional rope on the full-attention layers), which
+    no transformers 4 knows: the mirrored ``rope_scaling`` made transformers 5 fail to read a merged Gemma 4
+    ("Missing required keys in `rope_parameters` for 'rope_type'='proportional': {'rope_theta'}") and replace
+    LFM3's per-layer parameters with the full-attention layers' alone."""
+    config = AutoConfig.for_model(model_type, **_SMALL, **extra)
+    config.save_pretrained(tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    readable_by_transformers_4(tmp_path)
+    assert (tmp_path / "config.json").read_text() == saved
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+
+
+@transformers_5_save
 @pytest.mark.parametrize("rope", [{"rope_theta": 1e6}, {"rope_theta": 1e4, "partial_rotary_factor": 0.5}])
 def test_a_default_rope_has_no_rope_scaling(tmp_path, rope):
     AutoConfig.for_model("llama", **_SMALL, **rope).save_pretrained(tmp_path)

@@ -1,13 +1,14 @@
 """A vision-language model's processor for images alone, for when ``AutoProcessor`` fails for want of torchvision.
 
-Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL and LLaVA-OneVision processors take a video processor, and
-every transformers video processor needs torchvision, so ``AutoProcessor`` cannot build them without it although
-their image processors have a PIL implementation. Images need no video processor: this builds the family's own
-processor class with the folder's image processor (``AutoImageProcessor``, which picks the PIL one when
-torchvision is missing), the run's tokenizer and the folder's processor settings and chat template, leaving the
-video processor out. The class is subclassed only to declare that it holds no video processor (transformers
-checks each declared sub-processor's type); every method is transformers', so the ids and tensors are too.
-Families whose processor class or image processor needs torchvision itself (Mistral 3's ``PixtralProcessor``,
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL, LLaVA-OneVision, LLaVA-NeXT-Video and Gemma 4 processors take a
+video processor, and every transformers video processor needs torchvision, so ``AutoProcessor`` cannot build them
+without it although their image processors have a PIL implementation. Images need no video processor: this builds
+the family's own processor class with the folder's image processor (``AutoImageProcessor``, which picks the PIL one
+when torchvision is missing), the run's tokenizer and the folder's processor settings and chat template, leaving the
+video processor out (an audio feature extractor beside them, Gemma 4's, needs no torchvision: it is read from the
+folder as transformers reads it). The class is subclassed only to declare that it holds no video processor
+(transformers checks each declared sub-processor's type); every method is transformers', so the ids and tensors are
+too. Families whose processor class or image processor needs torchvision itself (Mistral 3's ``PixtralProcessor``,
 Llama 4's image processor) cannot be built this way.
 """
 
@@ -48,7 +49,7 @@ def image_only_processor(model_dir: str | Path, model_type: str, tokenizer):
             for num2words, ...).
     """
     import transformers
-    from transformers import AutoImageProcessor
+    from transformers import AutoFeatureExtractor, AutoImageProcessor
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     from transformers.processing_utils import ProcessorMixin
 
@@ -67,9 +68,9 @@ def image_only_processor(model_dir: str | Path, model_type: str, tokenizer):
     except ImportError:  # transformers' placeholder for a class whose module imports torchvision
         raise NeedsTorchvision(f"transformers' {name} itself needs it") from None
     kept = tuple(a for a in attributes if "video" not in a)
-    if set(kept) != {"image_processor", "tokenizer"}:
-        raise NeedsTorchvision(f"{name} takes {', '.join(attributes)}, not only an image processor and a "
-                               "tokenizer")
+    if not {"image_processor", "tokenizer"} <= set(kept) <= {"image_processor", "tokenizer", "feature_extractor"}:
+        raise NeedsTorchvision(f"{name} takes {', '.join(attributes)}, not only an image processor, a tokenizer "
+                               "and an audio feature extractor")
     accepted = {n for n, p in inspect.signature(base.__init__).parameters.items()
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set(attributes) - {"self"}
     try:
@@ -78,8 +79,11 @@ def image_only_processor(model_dir: str | Path, model_type: str, tokenizer):
         if "torchvision" not in str(exc).lower():
             raise
         raise NeedsTorchvision(f"{model_type}'s image processor has no version without it") from None
+    parts = dict(image_processor=images, tokenizer=tokenizer)
+    if "feature_extractor" in kept:  # audio (Gemma 4's, Gemma 3n's): numpy, read from the folder as transformers does
+        parts["feature_extractor"] = AutoFeatureExtractor.from_pretrained(model_dir, trust_remote_code=False)
     return _without_videos(base, kept, tuple(a for a in attributes if a not in kept))(
-        image_processor=images, tokenizer=tokenizer, **{k: v for k, v in settings.items() if k in accepted})
+        **parts, **{k: v for k, v in settings.items() if k in accepted})
 
 
 def _attributes(cls) -> list[str]:
@@ -89,14 +93,25 @@ def _attributes(cls) -> list[str]:
 
 @cache
 def _without_videos(base: type, kept: tuple[str, ...], dropped: tuple[str, ...]) -> type:
-    """``base`` declaring only the ``kept`` sub-processors; the ``dropped`` ones are given as None."""
+    """``base`` declaring only the ``kept`` sub-processors; the ``dropped`` ones are given as None. A class between
+    ``base`` and ``ProcessorMixin`` in the method order takes them off what ``base`` hands on, by keyword (Gemma 4's
+    ``super().__init__(..., video_processor=video_processor)``) or by position in ``base``'s own order of them
+    (LLaVA-NeXT-Video's ``super().__init__(video_processor, image_processor, tokenizer)``)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    order = _attributes(base)
 
     def __init__(self, *args, **kwargs):
         base.__init__(self, **dict(zip(kept, args)), **kwargs, **dict.fromkeys(dropped))
 
+    def hand_on(self, *args, **kwargs):
+        given = {**dict(zip(order, args)), **kwargs}
+        ProcessorMixin.__init__(self, **{k: v for k, v in given.items() if k not in dropped})
+
     def get_attributes(cls) -> list[str]:
         return list(kept)
 
-    return type(base.__name__, (base,), {"__init__": __init__, "get_attributes": classmethod(get_attributes),
-                                         "attributes": list(kept), "__module__": __name__,
-                                         "__doc__": f"{base.__name__} without its {', '.join(dropped)}."})
+    without = type(f"{base.__name__}Without", (ProcessorMixin,), {"__init__": hand_on, "__module__": __name__})
+    return type(base.__name__, (base, without), {"__init__": __init__, "get_attributes": classmethod(get_attributes),
+                                                 "attributes": list(kept), "__module__": __name__,
+                                                 "__doc__": f"{base.__name__} without its {', '.join(dropped)}."})

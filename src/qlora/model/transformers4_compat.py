@@ -18,14 +18,18 @@ own scripts. transformers 5 writes four things 4.x misreads:
   ``extra_special_tokens`` as a dict too, as 4.x wrote them.
 
 The 4.x keys are added beside (rope) or instead of (tokenizer) transformers 5's, which reads them as its own:
-``rope_parameters`` stays and agrees with the mirrored keys, ``PreTrainedTokenizerFast`` is its alias of
+``rope_parameters`` stays and agrees with the mirrored keys (checked: where the running transformers would read
+them otherwise, as Gemma 4's and LFM3's per-layer-type parameters, which no 4.x release knows, they are left out),
+``PreTrainedTokenizerFast`` is its alias of
 ``TokenizersBackend``, ``additional_special_tokens`` is its old name of the list, and a dict of named tokens
 under ``extra_special_tokens`` is read beside that list as 5.x reads its own top-level ones.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +62,41 @@ def _config(config: dict[str, Any]) -> bool:
     for part in (config, config.get("text_config")):
         if not isinstance(part, dict) or not isinstance(part.get("rope_parameters"), dict):
             continue
-        for key, value in _v4_rope(part["rope_parameters"], part.get("model_type") in _TYPE_AND_FACTOR).items():
-            if part.get(key) is None:
-                part[key] = value
-                changed = True
+        keys = {k: v for k, v in _v4_rope(part["rope_parameters"], part.get("model_type") in _TYPE_AND_FACTOR).items()
+                if part.get(k) is None}
+        if keys and _read_alike(part, keys):
+            part.update(keys)
+            changed = True
     return changed
+
+
+def _read_alike(part: dict[str, Any], keys: dict[str, Any]) -> bool:
+    """Whether the running transformers reads ``part`` with the 4.x ``keys`` beside its ``rope_parameters`` as it
+    reads it without them. Gemma 4's config (no 4.x release) keeps a ``rope_scaling`` it does not convert and fails
+    on it (``Missing required keys ... 'proportional': {'rope_theta'}``), and a config converting by transformers'
+    default lets ``rope_scaling`` replace per-layer-type parameters whole; a model type it does not know (remote
+    code) cannot be checked and gets the keys."""
+    from transformers import AutoConfig
+    from transformers.utils import logging
+
+    def read(config: dict[str, Any]) -> Any:  # copies: a config takes the dicts it is given as its own, fills them in
+        return getattr(AutoConfig.for_model(**copy.deepcopy(config)), "rope_parameters", None)  # 4.x: none
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # its notes on the spelling (rope_scaling deprecated, ...) are no news here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                alone = read(part)
+            except (KeyError, ValueError, TypeError):
+                return True
+            try:
+                return read({**part, **keys}) == alone
+            except (KeyError, ValueError, TypeError):
+                return False
+    finally:
+        logging.set_verbosity(level)
 
 
 def _v4_rope(rope: dict[str, Any], type_and_factor: bool = False) -> dict[str, Any]:
