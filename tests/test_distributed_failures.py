@@ -237,3 +237,36 @@ def test_a_rank_whose_output_is_gone_still_ends_with_its_status():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_a_failed_ranks_model_is_not_freed_as_its_error_is_handled(tmp_path, monkeypatch, ranks):
+    """A rank's error reached ``main`` with the trainer (its DDP model, holding gloo's process group) in the frames
+    of its traceback: handling the error freed them, the teardown that can hang a rank (pytorch#56297) before
+    ``end_rank`` ends it without one. They are kept until then; a one-process run frees them as before."""
+    import gc
+    import importlib
+    import weakref
+
+    from qlora.cli import launch
+    from qlora.cli.main import COMMANDS, main
+    from qlora.errors import UsageError
+
+    class Model:
+        pass
+
+    alive = []
+
+    def run(args):
+        model = Model()
+        alive.append(weakref.ref(model))
+        raise UsageError("--batch-size 2 x 2 ranks is more than the 3 examples")
+
+    monkeypatch.setattr(importlib.import_module(COMMANDS["train"][0]), "run", run)
+    monkeypatch.setattr(launch, "_KEPT", [])
+    monkeypatch.setenv("WORLD_SIZE", ranks)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    assert main(["train", "--model", str(tmp_path), "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    gc.collect()
+    assert (alive[0]() is not None) == (ranks == "2")

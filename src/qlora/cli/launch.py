@@ -154,6 +154,17 @@ def _report(exc, errors: Path, command: str, nproc: int) -> int:
     return code if code > 0 else 1
 
 
+_KEPT: list[BaseException] = []  # a rank's failure and the frames its traceback holds, freed by end_rank's exit only
+
+
+def keep_frames(exc: BaseException) -> None:
+    """In a rank of a multi-process run, keep ``exc`` and the frames of its traceback (a failed ``qlora train``'s
+    trainer, its DDP or FSDP model) alive until :func:`end_rank`: freed as the error is handled, they would free
+    the model, and with it gloo's process group, the teardown ``end_rank`` exists to skip."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _KEPT.append(exc)
+
+
 def end_rank(status: int) -> NoReturn:
     """End a rank of a multi-process run with ``status``, its output flushed, without Python's teardown of its
     objects. Its work is written and its process group left by then; but freeing a DDP or FSDP model frees, from

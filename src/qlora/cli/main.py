@@ -19,7 +19,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import UsageError, describe_os_error
-from .launch import INTERRUPTED, raised_within, report_error
+from .launch import INTERRUPTED, keep_frames, raised_within, report_error
 from .options import HelpFormatter, check_blank_values
 from .utf8_text import check_utf8_values
 
@@ -185,7 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_blank_values(command_parser, args)
             check_paths(args)
             resolve_base(args, args.command)
-            return int(module.run(args) or 0)
+            try:
+                return int(module.run(args) or 0)
+            except BaseException as exc:
+                keep_frames(exc)  # a rank's model is not freed as its error is handled below (see end_rank)
+                raise
     except UsageError as exc:
         report_error(f"qlora {args.command}: error: {exc}")
         return exc.exit_code
