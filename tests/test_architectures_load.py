@@ -504,3 +504,43 @@ def test_a_block_shared_by_several_layers_loads_from_any_of_its_names(tmp_path, 
     deq = AutoModelForCausalLM.from_pretrained(tmp_path / "deq", dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(logits, deq(x).logits, atol=1e-5)
+
+
+def test_layers_transformers_keeps_in_high_precision_stay_16_bit_as_bitsandbytes_keeps_them(tmp_path, tiny_tokenizer):
+    """DeepSeek-V4 names its attention compressor's projections in ``_keep_in_fp32_modules``, and transformers +
+    bitsandbytes never quantizes such layers: qlora's 4-bit layers are exactly bitsandbytes' (before, it packed the
+    five projections too) and the folder `qlora quantize` writes loads in transformers (before: refused, "size
+    mismatch ... ckpt: torch.Size([512, 1]) vs model: torch.Size([16, 64])") with qlora's logits."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    bnb = pytest.importorskip("bitsandbytes")
+    if "deepseek_v4" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no DeepSeek-V4")
+    from transformers import BitsAndBytesConfig
+
+    from qlora.cli.main import main
+
+    config = AutoConfig.for_model(
+        "deepseek_v4", vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, q_lora_rank=64, qk_rope_head_dim=8, moe_intermediate_size=128,
+        n_routed_experts=4, num_experts_per_tok=2, index_head_dim=16, index_n_heads=2, index_topk=4, sliding_window=8,
+        layer_types=["heavily_compressed_attention", "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "moe"],
+        max_position_embeddings=256, bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32, device_map="cpu",
+                                                  quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    packed = {n for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert any(n.endswith("compressor.kv_proj") and type(m) is torch.nn.Linear for n, m in theirs.named_modules())
+    ours, _ = load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu", quantize_experts=False)
+    assert {n for n, m in ours.named_modules() if isinstance(m, Linear4bit)} == packed
+    assert main(["quantize", "--model", str(tmp_path / "base"), "--output", str(tmp_path / "q4"),
+                 "--compute-dtype", "fp32"]) == 0
+    x = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    loaded = reference_path(AutoModelForCausalLM.from_pretrained(tmp_path / "q4", dtype=torch.float32,
+                                                                 device_map="cpu")).eval()
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, ours(input_ids=x).logits, rtol=1e-4, atol=1e-4)

@@ -459,3 +459,15 @@ def _train_damaged(tmp_path, model, capsys, key: str, cut: str):
     message = stderr.strip()
     assert code == 2 and "Traceback" not in stderr and "\n" not in message, stderr
     return folder, tensors, expected, message
+
+
+def test_quantize_refuses_llama4_whose_experts_transformers_rebuilds_on_loading(tmp_path, saved, capsys):
+    """transformers + bitsandbytes replaces Llama 4's fused experts by one linear layer per expert before it loads
+    a 4-bit file, then finds none of their weights in a file written as its own save_pretrained writes it (it
+    failed: "'normal_kernel_cpu' not implemented for 'Byte'"): `qlora quantize` says so instead of writing it."""
+    from qlora.cli.main import main
+
+    path = saved("llama4_text")
+    assert main(["quantize", "--model", str(path), "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "Llama4TextExperts" in err and "Traceback" not in err and not (tmp_path / "q").exists()

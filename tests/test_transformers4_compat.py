@@ -160,3 +160,23 @@ def test_a_scaled_rope_written_by_transformers_5_is_read_by_transformers_4(tmp_p
     assert _rotary(tmp_path / "five")[1] in (kind, None)
     if model_type != "llama":  # the model's own 4.x spelling, two keys (which 5 reads as the same rope)
         assert json.loads((tmp_path / "five" / "config.json").read_text())["rope_scaling"] == scaling
+
+
+@transformers_5_save
+@pytest.mark.parametrize("model_type", ["gemma4_text", "lfm3", "gemma3_text"])
+def test_a_model_type_transformers_4_never_had_keeps_its_rotary_settings(tmp_path, model_type):
+    """Gemma 4's and LFM3's configs (types 4.x never had) take no 4.x rope keys: before, the Gemma 4 folder
+    ``qlora merge`` wrote was refused by transformers 5 itself (``Missing required keys in `rope_parameters` for
+    'rope_type'='proportional'``) and LFM3's read the mirrored ``rope_scaling`` as every layer's rope (its sliding
+    layers' base frequency 1e4 became 1e6). Gemma 3, whose 5.x config reads the 4.x keys, still gets them."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {model_type}")
+    config = AutoConfig.for_model(model_type, **_SMALL)
+    assert set(config.rope_parameters) == {"full_attention", "sliding_attention"}
+    config.save_pretrained(tmp_path)
+    readable_by_transformers_4(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert ("rope_local_base_freq" in written) == (model_type == "gemma3_text")

@@ -37,8 +37,8 @@ from .adapter_size import AdapterSize
 from .architecture import check_runs_on_text, text_model_from_config
 from .known_shapes import known_shape
 from .local_path import near_local_path
-from .quantize import (fp32_linear_names, is_linear_like, is_plain_linear, is_skipped, kept_dense_names, kept_in_fp32,
-                       matches_any)
+from .quantize import (bnb_kept_names, fp32_linear_names, is_linear_like, is_plain_linear, is_skipped, kept_dense_names,
+                       kept_in_fp32, matches_any)
 from .saved_activations import LayerSaves, NotMeasurable, measure
 from .shipped_code import model_code_error
 from .target_hints import unmatched_hint, weight_modules
@@ -225,7 +225,7 @@ def count_parameters(config) -> ModelCounts:
     check_runs_on_text(model, source)  # a model every command refuses has no training run to estimate
     # head, routers...: as load_model, whose default skip_modules ("lm_head") keeps all under it dense (RoBERTa's
     # lm_head.dense too)
-    dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16) | {"lm_head"}
+    dense = kept_dense_names(model) | fp32_linear_names(model, torch.bfloat16) | bnb_kept_names(model) | {"lm_head"}
     quantized: dict[int, tuple[LinearShape, ...]] = {}
     notes = {name: "(kept in 16-bit, an output head or a router)" for name in dense}
     kept: dict[int, LinearShape] = {}

@@ -44,9 +44,9 @@ from .gptq_awq import GroupedInt
 from .local_path import looks_like_path, near_local_path
 from .modelopt import ModelOpt
 from .packed_experts import PackedExperts
-from .quantize import (checked_format, fp32_linear_names, is_conv1d, is_plain_linear, is_skipped, kept_dense_names,
-                       kept_in_fp32, non_text_names, output_embedding_names, read_as_tensors_names, replace_modules,
-                       tied_keys, weight_count)
+from .quantize import (bnb_kept_names, checked_format, fp32_linear_names, is_conv1d, is_plain_linear, is_skipped,
+                       kept_dense_names, kept_in_fp32, non_text_names, output_embedding_names, read_as_tensors_names,
+                       replace_modules, tied_keys, weight_count)
 from .shipped_code import model_code_error, tokenizer_code_error
 from .stored_floats import DecodePlan, StoredFloats, StoredFormat
 from .weight_files import LAYOUTS, indexed_files, open_weights, weight_files
@@ -445,7 +445,7 @@ def load_model(
                     "for its causal-LM head).", model_dir, config.model_type)
 
     fp32 = kept_in_fp32(model, compute_dtype)
-    skip = set(skip_modules) | kept_dense_names(model) | fp32_linear_names(model, compute_dtype)
+    skip = set(skip_modules) | kept_dense_names(model) | fp32_linear_names(model, compute_dtype) | bnb_kept_names(model)
     dense_keys = set(model.state_dict().keys())
     layout = CheckpointLayout(model, dense_keys, plan.keys())
     # A 4-bit checkpoint says itself which layers are packed: its skip list may be spelled for

@@ -225,6 +225,17 @@ def fp32_linear_names(model: nn.Module, dtype: torch.dtype) -> set[str]:
     return {n for n, m in model.named_modules() if n and fp32.search(f"{n}.weight") and is_plain_linear(m)}
 
 
+def bnb_kept_names(model: nn.Module) -> set[str]:
+    """Linear layers the model's class names in ``_keep_in_fp32_modules`` (DeepSeek-V4's attention compressor,
+    T5's ``wo``), which transformers + bitsandbytes never quantizes, at any dtype (its quantizer adds them to
+    ``modules_to_not_convert``): not quantized either, so a 4-bit file of the model loads there and computes as
+    it does. Matched as transformers matches skipped modules."""
+    names = sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not names:
+        return set()
+    return {n for n, m in model.named_modules() if n and is_plain_linear(m) and is_skipped(n, names)}
+
+
 def output_embedding_names(model: nn.Module) -> set[str]:
     """Module paths of the output head (never quantized or adapted by default)."""
     get = getattr(model, "get_output_embeddings", None)
@@ -450,7 +461,7 @@ def quantize_model(
     quant_type, compute_dtype = quant_type.strip().lower(), float_dtype(compute_dtype, "compute_dtype")
     blocksize, double_quant = checked_format(blocksize, double_quant)
     skip = {skip_modules} if isinstance(skip_modules, str) else set(skip_modules or ())
-    skip |= kept_dense_names(model)
+    skip |= kept_dense_names(model) | bnb_kept_names(model)
 
     def make(path: str, module: nn.Module) -> nn.Module | None:
         if expert_weight_names(module) and not is_skipped(path, skip):

@@ -75,7 +75,8 @@ def check_quantizable(model_dir: str | Path) -> None:
     """Refuse, before any weight is read, models whose 4-bit checkpoint transformers could not load:
     linear layers of an nn.Linear subclass (Falcon's FalconLinear), or layers the checkpoint stores
     fused into one tensor that loading splits (HRM's ``gqkv_proj``): packed 4-bit codes of the split
-    layers cannot be joined back into the fused tensor's codes."""
+    layers cannot be joined back into the fused tensor's codes; or modules transformers rebuilds before it
+    loads a 4-bit file (Llama 4's experts), whose rebuilt weights the file does not hold."""
     from .load import read_model_config
 
     config = read_model_config(model_dir)
@@ -91,6 +92,13 @@ def check_quantizable(model_dir: str | Path) -> None:
                          "transformers + bitsandbytes quantizes exact nn.Linear layers only and keeps these 16-bit, "
                          "so it could not load a 4-bit file of them. Skip `qlora quantize`: give the 16-bit model to "
                          "train/generate/eval/serve, which quantize these layers to 4 bits while loading.")
+    rebuilt = sorted({type(m).__name__ for m in model.modules()} & _rebuilt_by_bitsandbytes_loading())
+    if rebuilt:
+        raise UsageError(f"{model_dir} has {', '.join(rebuilt)} modules, which transformers + bitsandbytes rebuilds as "
+                         "one linear layer per expert when it loads a 4-bit file and then reads weights that neither "
+                         "its own save_pretrained nor qlora writes (it fails there: 'normal_kernel_cpu' not "
+                         "implemented for 'Byte'). Skip `qlora quantize`: give the 16-bit model to "
+                         "train/generate/eval/serve, which quantize it to 4 bits while loading.")
     fused = converted_on_save(model, [f"{n}.weight" for n, m in model.named_modules()
                                       if n not in kept and is_plain_linear(m)])
     if fused:
@@ -99,6 +107,17 @@ def check_quantizable(model_dir: str | Path) -> None:
                          "be fused back, so neither transformers + bitsandbytes nor qlora could load it. Skip "
                          "`qlora quantize`: give the 16-bit model to train/generate/eval/serve, which quantize "
                          "these layers to 4 bits while loading.")
+
+
+def _rebuilt_by_bitsandbytes_loading() -> set[str]:
+    """The module classes transformers replaces before it loads a bitsandbytes 4-bit file (Llama 4's fused
+    ``Llama4TextExperts`` by per-expert linear layers), from its own table; none where it has no such table."""
+    try:
+        from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+    except ImportError:
+        return set()
+    return {name for name, entry in MODULES_TO_PATCH_FOR_QUANTIZATION.items()
+            if "bitsandbytes" in {getattr(m, "value", m) for m in entry.get("quantization_methods", ())}}
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, max_shard_bytes: int = DEFAULT_BYTES) -> Path:
