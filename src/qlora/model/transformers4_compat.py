@@ -22,10 +22,7 @@ The 4.x keys are added beside (rope) or instead of (tokenizer) transformers 5's,
 them otherwise, as Gemma 4's and LFM3's per-layer-type parameters, which no 4.x release knows, they are left out),
 ``PreTrainedTokenizerFast`` is its alias of
 ``TokenizersBackend``, ``additional_special_tokens`` is its old name of the list, and a dict of named tokens
-under ``extra_special_tokens`` is read beside that list as 5.x reads its own top-level ones. The rope keys stay only
-where the installed transformers reads the rewritten file as the same rotary settings as before: the configs of model
-types 4.x never had take no 4.x keys (Gemma 4's refused the file, ``Missing required keys ... 'proportional'``, and
-LFM3's took the mirrored ``rope_scaling`` for every layer, its sliding layers' base frequency 1e4 read as 1e6).
+under ``extra_special_tokens`` is read beside that list as 5.x reads its own top-level ones.
 """
 
 from __future__ import annotations
@@ -47,26 +44,8 @@ _TYPE_AND_FACTOR = frozenset({"olmo", "olmo2", "chameleon"})
 
 def readable_by_transformers_4(folder: str | Path) -> None:
     """Rewrite ``folder``'s ``config.json`` and ``tokenizer_config.json`` (those it has) as described above."""
-    path = Path(folder, "config.json")
-    original = path.read_text(encoding="utf-8") if path.is_file() else None
-    before = _rotary_settings(folder) if original is not None else None
-    _rewrite(path, _config)
-    if before is not None and path.read_text(encoding="utf-8") != original and _rotary_settings(folder) != before:
-        path.write_text(original, encoding="utf-8")
+    _rewrite(Path(folder, "config.json"), _config)
     _rewrite(Path(folder, "tokenizer_config.json"), _tokenizer_config)
-
-
-def _rotary_settings(folder: str | Path) -> dict[str, Any] | None:
-    """The ``rope_parameters`` of the config in ``folder`` and of its sub-configs as the installed transformers reads
-    them, or None where it reads no config there (a model type it does not know, a config shipped as code)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except Exception:  # transformers' configs refuse a file with many error types; any of them: unreadable
-        return None
-    parts = {"": config, **{key: getattr(config, key, None) for key in getattr(config, "sub_configs", None) or {}}}
-    return {key: getattr(part, "rope_parameters", None) for key, part in parts.items() if part is not None}
 
 
 def _rewrite(path: Path, change) -> None:
