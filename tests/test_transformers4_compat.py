@@ -144,3 +144,43 @@ def test_a_scaled_rope_written_by_transformers_5_is_read_by_transformers_4(tmp_p
     assert _rotary(tmp_path / "five")[1] in (kind, None)
     if model_type != "llama":  # the model's own 4.x spelling, two keys (which 5 reads as the same rope)
         assert json.loads((tmp_path / "five" / "config.json").read_text())["rope_scaling"] == scaling
+
+
+_PER_TYPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+             "full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25}}
+
+
+@transformers_5_save
+@pytest.mark.parametrize("model_type", ["gemma4_text", "lfm3"])
+def test_a_rope_per_layer_type_that_transformers_5_would_misread_is_left_alone(tmp_path, model_type):
+    """Gemma 4's and LFM3's per-layer-type rope (proportional, a quarter of the head rotated, in full attention)
+    has no 4.x spelling their 5.x configs take back: before, the mirrored top-level ``rope_scaling`` replaced the
+    whole per-type dict (LFM3's merged folder then failed to load, ``KeyError: 'full_attention'``) or was refused
+    (Gemma 4: "Missing required keys ... {'rope_theta'}"). These model types are new in 5.x; the file stays as it
+    was written."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type}")
+    layers = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}
+    config = AutoConfig.for_model(model_type, **_SMALL, **layers, rope_parameters=copy.deepcopy(_PER_TYPE))
+    config.save_pretrained(tmp_path)
+    written = (tmp_path / "config.json").read_text()
+    readable_by_transformers_4(tmp_path)
+    assert (tmp_path / "config.json").read_text() == written
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+
+
+@transformers_5_save
+def test_gemma_3s_scaled_rope_per_layer_type_is_still_spelt_for_transformers_4(tmp_path):
+    """Gemma 3's 5.x config reads its 4.x spelling back (the full-attention layers' rope at the top, the sliding
+    ones' base frequency as ``rope_local_base_freq``), so the keys stay written for 4.x."""
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    config = AutoConfig.for_model("gemma3_text", **_SMALL, rope_parameters=copy.deepcopy(rope))
+    config.save_pretrained(tmp_path)
+    readable_by_transformers_4(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == 1e6 and written["rope_local_base_freq"] == 1e4
+    assert written["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters

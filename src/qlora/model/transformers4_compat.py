@@ -20,12 +20,18 @@ own scripts. transformers 5 writes four things 4.x misreads:
 The 4.x keys are added beside (rope) or instead of (tokenizer) transformers 5's, which reads them as its own:
 ``rope_parameters`` stays and agrees with the mirrored keys, ``PreTrainedTokenizerFast`` is its alias of
 ``TokenizersBackend``, ``additional_special_tokens`` is its old name of the list, and a dict of named tokens
-under ``extra_special_tokens`` is read beside that list as 5.x reads its own top-level ones.
+under ``extra_special_tokens`` is read beside that list as 5.x reads its own top-level ones. The rope keys are
+kept only where the installed transformers reads the rewritten file as the same rotary embedding: a rope per
+layer type has a 4.x spelling (Gemma 3's) that only some 5.x configs take back; the others let a top-level
+``rope_scaling`` replace the whole per-type dict and a ``partial_rotary_factor`` spread to every layer type
+(Gemma 4's and LFM3's merged folders failed to load, or loaded with the wrong rope).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +59,9 @@ def _rewrite(path: Path, change) -> None:
 
 
 def _config(config: dict[str, Any]) -> bool:
-    """Mirror ``rope_parameters`` into 4.x's keys, in the config and its text config (vision-language models)."""
+    """Mirror ``rope_parameters`` into 4.x's keys, in the config and its text config (vision-language models),
+    unless transformers would then read another rope (the config is left as it was)."""
+    before = copy.deepcopy(config)
     changed = False
     for part in (config, config.get("text_config")):
         if not isinstance(part, dict) or not isinstance(part.get("rope_parameters"), dict):
@@ -62,7 +70,39 @@ def _config(config: dict[str, Any]) -> bool:
             if part.get(key) is None:
                 part[key] = value
                 changed = True
+    if changed and not _same_rope(before, config):
+        config.clear()
+        config.update(before)
+        return False
     return changed
+
+
+def _same_rope(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether the installed transformers reads both ``config.json`` contents as the same rope settings (in the
+    config and its text config); True where it cannot read the first (a model type it does not know)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.utils import logging as transformers_logging
+
+    def ropes(data: dict[str, Any]) -> list[Any]:
+        # quietly: its notes on the 4.x keys (rope_scaling deprecated) are no news to the user of a merge
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = CONFIG_MAPPING[data["model_type"]].from_dict(copy.deepcopy(data))
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        return [getattr(c, "rope_parameters", None) for c in (config, config.get_text_config())]
+
+    try:
+        expected = ropes(before)
+    except Exception:  # noqa: BLE001 - an unknown or unreadable config: nothing to compare against
+        return True
+    try:
+        return ropes(after) == expected
+    except Exception:  # noqa: BLE001 - transformers refuses the rewritten config (Gemma 4's proportional rope)
+        return False
 
 
 def _v4_rope(rope: dict[str, Any], type_and_factor: bool = False) -> dict[str, Any]:
