@@ -180,3 +180,18 @@ def test_a_model_type_transformers_4_never_had_keeps_its_rotary_settings(tmp_pat
     assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
     written = json.loads((tmp_path / "config.json").read_text())
     assert ("rope_local_base_freq" in written) == (model_type == "gemma3_text")
+
+
+@transformers_5_save
+def test_gemma_3s_scaled_rope_per_layer_type_is_still_spelt_for_transformers_4(tmp_path):
+    """Gemma 3's 5.x config reads its 4.x spelling back (the full-attention layers' rope at the top, the sliding
+    ones' base frequency as ``rope_local_base_freq``), so the keys stay written for 4.x."""
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    config = AutoConfig.for_model("gemma3_text", **_SMALL, rope_parameters=copy.deepcopy(rope))
+    config.save_pretrained(tmp_path)
+    readable_by_transformers_4(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == 1e6 and written["rope_local_base_freq"] == 1e4
+    assert written["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
