@@ -137,3 +137,33 @@ def test_a_cached_hub_config_of_a_type_transformers_lacks_is_not_called_unfetche
     assert code == 2 and "Traceback" not in stderr, stderr
     assert "--model org/newer: " in message and "model_type 'qwen9_next'" in message, message
     assert "could not be fetched" not in message
+
+
+def test_kimi_k2_shipping_deepseek_v3_code_is_refused_with_the_type_that_builds_it(tmp_path, capsys):
+    """Kimi K2's config.json says model_type ``kimi_k2`` (no transformers class) and ships DeepSeek-V3's code
+    (``configuration_deepseek.DeepseekV3Config``). The refusal names the way out that keeps the model: transformers'
+    own ``deepseek_v3``, whose build with that one field changed is the model transformers counts."""
+    from transformers import AutoModelForCausalLM
+
+    from cli_exit import cli_exit
+
+    kimi = {  # moonshotai/Kimi-K2-Instruct's shape fields (2 of its 61 layers, to stay fast)
+        "model_type": "kimi_k2", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                              "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                                              "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+        "vocab_size": 163840, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 2, "num_attention_heads": 64, "num_key_value_heads": 64, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 384, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+        "n_group": 1, "topk_group": 1, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(kimi))
+    code, stderr = cli_exit(["estimate", str(tmp_path)], capsys)
+    message = " ".join(stderr.split())
+    assert code == 2 and "Traceback" not in stderr and "modeling_deepseek.py" in message, stderr
+    assert "\"model_type\": \"deepseek_v3\"" in message, message
+
+    (tmp_path / "config.json").write_text(json.dumps(kimi | {"model_type": "deepseek_v3"}))
+    config = read_model_config(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert count_parameters(config).total_params == sum(p.numel() for p in model.parameters())
