@@ -91,3 +91,79 @@ def test_a_projector_that_is_one_linear_layer_stays_16bit_and_is_not_adapted():
     assert counts.total_params == sum(p.numel() for p in model.parameters())
     text = model.model.language_model
     assert counts.quantized_params == sum(m.weight.numel() for m in text.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("model_type, near", [("qwen3-moe", "qwen3_moe"), ("kimi_k3_future", None)])
+def test_a_model_type_transformers_lacks_is_named_whole_with_what_to_do(tmp_path, capsys, model_type, near):
+    """A config.json naming an architecture this transformers does not have (a model newer than it, or a misspelt
+    type) was refused with transformers' own message cut at 300 characters, mid-word in its advice
+    ("pip install --upgrade tra)"). It names the type, the installed transformers and what to do, whole."""
+    import transformers
+
+    from cli_exit import cli_exit
+
+    config = json.loads((CONFIGS / "qwen3-next-80b-a3b.json").read_text()) | {"model_type": model_type}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, stderr = cli_exit(["estimate", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in stderr, stderr
+    message = " ".join(stderr.split())
+    assert f"model_type {model_type!r}" in message and transformers.__version__ in message
+    assert message.endswith("converted to one that transformers implements."), message
+    assert "pip install -U transformers" in message
+    assert (f"it has {near!r}" in message) == (near is not None)
+
+
+def test_a_cached_hub_config_of_a_type_transformers_lacks_is_not_called_unfetched(tmp_path, monkeypatch, capsys):
+    """``qlora estimate ORG/NAME`` whose config.json came from the hub (here its cache) but names a model_type this
+    transformers lacks said the config "could not be fetched from the hub"; it was fetched, and its type is named."""
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    from cli_exit import cli_exit
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--newer" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (cache / "models--org--newer" / "refs").mkdir()
+    (cache / "models--org--newer" / "refs" / "main").write_text("0" * 40)
+    config = json.loads((CONFIGS / "qwen3-next-80b-a3b.json").read_text()) | {"model_type": "qwen9_next"}
+    (snapshot / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import, from the env
+    if hasattr(transformers.utils.hub, "TRANSFORMERS_CACHE"):  # transformers 4.x's own copy, also read at import
+        monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, stderr = cli_exit(["estimate", "--model", "org/newer"], capsys)
+    message = " ".join(stderr.split())
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert "--model org/newer: " in message and "model_type 'qwen9_next'" in message, message
+    assert "could not be fetched" not in message
+
+
+def test_kimi_k2_shipping_deepseek_v3_code_is_refused_with_the_type_that_builds_it(tmp_path, capsys):
+    """Kimi K2's config.json says model_type ``kimi_k2`` (no transformers class) and ships DeepSeek-V3's code
+    (``configuration_deepseek.DeepseekV3Config``). The refusal names the way out that keeps the model: transformers'
+    own ``deepseek_v3``, whose build with that one field changed is the model transformers counts."""
+    from transformers import AutoModelForCausalLM
+
+    from cli_exit import cli_exit
+
+    kimi = {  # moonshotai/Kimi-K2-Instruct's shape fields (2 of its 61 layers, to stay fast)
+        "model_type": "kimi_k2", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                              "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                                              "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+        "vocab_size": 163840, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 2, "num_attention_heads": 64, "num_key_value_heads": 64, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 384, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+        "n_group": 1, "topk_group": 1, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(kimi))
+    code, stderr = cli_exit(["estimate", str(tmp_path)], capsys)
+    message = " ".join(stderr.split())
+    assert code == 2 and "Traceback" not in stderr and "modeling_deepseek.py" in message, stderr
+    assert "\"model_type\": \"deepseek_v3\"" in message, message
+
+    (tmp_path / "config.json").write_text(json.dumps(kimi | {"model_type": "deepseek_v3"}))
+    config = read_model_config(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert count_parameters(config).total_params == sum(p.numel() for p in model.parameters())

@@ -198,11 +198,14 @@ def load_config(model: str, option: str = ""):
 
 
 def _model_code_error(model: str) -> UsageError | None:
-    """:func:`~qlora.model.shipped_code.model_code_error` of hub id ``model``'s config.json, now in the cache."""
+    """Why hub id ``model``'s config.json, now in the cache, names no model transformers builds: code it ships
+    (:func:`~qlora.model.shipped_code.model_code_error`) or a ``model_type`` this transformers lacks."""
     from huggingface_hub import try_to_load_from_cache
 
+    from .load import unknown_type_error
+
     cached = try_to_load_from_cache(model, "config.json")
-    return model_code_error(Path(cached)) if isinstance(cached, str) else None
+    return (model_code_error(Path(cached)) or unknown_type_error(Path(cached))) if isinstance(cached, str) else None
 
 
 def count_parameters(config) -> ModelCounts:

@@ -735,12 +735,36 @@ def read_model_config(model_dir: str | Path):
     try:  # never transformers' question on the terminal, nor code from the folder (see shipped_code)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
-        custom = model_code_error(path) if isinstance(exc, ValueError) else None
+        custom = (model_code_error(path) or unknown_type_error(path)) if isinstance(exc, ValueError) else None
         if custom is not None:
             raise custom from None
         raise UsageError(f"{path} could not be read as a transformers config "
                          f"({' '.join(str(exc).split())[:300] or type(exc).__name__}).") from None
     return check_model_config(config, path)
+
+
+def unknown_type_error(config_file: Path) -> UsageError | None:
+    """Why ``config_file`` names no architecture this transformers has (a model newer than it, or a misspelt
+    ``model_type``), or None when its ``model_type`` is one transformers knows. transformers' own message, cut to
+    fit, ended in the middle of its advice."""
+    import difflib
+
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return None
+    near = difflib.get_close_matches(model_type.lower().replace("-", "_"), list(CONFIG_MAPPING.keys()), n=1)
+    return UsageError(f"{config_file}: model_type {model_type!r} is no architecture that the installed "
+                      f"transformers {transformers.__version__} implements"
+                      + (f" (it has {near[0]!r}; if that was meant, correct the name)" if near else "")
+                      + ". A model released after this transformers needs a newer one (pip install -U "
+                      "transformers); a model whose architecture is only in its own code needs a checkpoint "
+                      "converted to one that transformers implements.")
 
 
 def check_model_config(config, path: str | Path):

@@ -41,18 +41,37 @@ def model_code_error(config_file: Path) -> UsageError | None:
     if not files:
         return None
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        data = json.loads(config_file.read_text())
+        model_type = data.get("model_type")
     except (OSError, ValueError, AttributeError):
-        model_type = None
+        data, model_type = {}, None
     if model_type in CONFIG_MAPPING:
         return None
-
+    same = _same_named_type(data)
     return UsageError(f"{config_file}: model_type {model_type!r} is implemented only by the code shipped with "
                       f"the checkpoint ({', '.join(files)}, named by its auto_map), not by transformers "
                       f"{transformers.__version__}. qlora runs no code from a model folder (transformers' "
                       "trust_remote_code), so it cannot build this model. Use a transformers release that "
                       f"implements {model_type!r} if there is one, or a checkpoint of the model converted to an "
-                      "architecture transformers implements.")
+                      "architecture transformers implements."
+                      + (f" Its configuration class {same[1]} has the name of transformers' own, of model_type "
+                         f"{same[0]!r}: where the shipped code is that architecture's (Kimi K2 ships DeepSeek-V3's), "
+                         f"a copy of config.json with \"model_type\": \"{same[0]}\" is built by transformers' "
+                         "classes." if same else ""))
+
+
+def _same_named_type(config: dict) -> tuple[str, str] | None:
+    """``(model_type, class name)`` where the ``AutoConfig`` class config.json's ``auto_map`` names has the name
+    of one of transformers' configuration classes (Kimi K2's ``DeepseekV3Config``), else None."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    auto_map = config.get("auto_map")
+    ref = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else None
+    ref = ref[0] if isinstance(ref, (list, tuple)) and ref else ref
+    if not isinstance(ref, str):
+        return None
+    name = ref.rpartition(".")[2]
+    return next(((t, name) for t, cls in CONFIG_MAPPING_NAMES.items() if cls == name), None)
 
 
 def tokenizer_code_error(folder: Path) -> UsageError | None:
