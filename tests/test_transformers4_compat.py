@@ -195,3 +195,18 @@ def test_gemma_3s_scaled_rope_per_layer_type_is_still_spelt_for_transformers_4(t
     assert written["rope_theta"] == 1e6 and written["rope_local_base_freq"] == 1e4
     assert written["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
     assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+
+
+@transformers_5_save
+def test_a_config_with_an_infinite_value_is_checked_as_transformers_reads_its_file(tmp_path):
+    """Falcon-H1's ``time_step_limit`` (0, inf) is written ``{"__float__": "Infinity"}``, which transformers decodes
+    when it reads the file: the check of the 4.x rope keys built the config from the raw JSON and failed on it (a
+    merged or quantized Falcon-H1 folder was not written)."""
+    config = AutoConfig.for_model("falcon_h1", **_SMALL)
+    assert config.time_step_limit[1] == float("inf")
+    config.save_pretrained(tmp_path)
+    readable_by_transformers_4(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == config.rope_parameters["rope_theta"]
+    back = AutoConfig.from_pretrained(tmp_path)
+    assert back.rope_parameters == config.rope_parameters and back.time_step_limit == config.time_step_limit

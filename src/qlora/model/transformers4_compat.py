@@ -27,8 +27,8 @@ under ``extra_special_tokens`` is read beside that list as 5.x reads its own top
 
 from __future__ import annotations
 
-import copy
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,18 @@ def _read_alike(part: dict[str, Any], keys: dict[str, Any]) -> bool:
     from transformers import AutoConfig
     from transformers.utils import logging
 
-    def read(config: dict[str, Any]) -> Any:  # copies: a config takes the dicts it is given as its own, fills them in
-        return getattr(AutoConfig.for_model(**copy.deepcopy(config)), "rope_parameters", None)  # 4.x: none
+    try:  # transformers' typed config fields raise this
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub, without typed configs
+        StrictDataclassError = TypeError
+    failures = (KeyError, ValueError, TypeError, OSError, StrictDataclassError)
+
+    def read(config: dict[str, Any]) -> Any:
+        """As from a folder: the file's own spellings (``{"__float__": "Infinity"}``, Falcon-H1's time_step_limit)
+        are decoded there only."""
+        with tempfile.TemporaryDirectory(prefix="qlora-config-") as folder:
+            Path(folder, "config.json").write_text(json.dumps(config), encoding="utf-8")
+            return getattr(AutoConfig.from_pretrained(folder, trust_remote_code=False), "rope_parameters", None)
 
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # its notes on the spelling (rope_scaling deprecated, ...) are no news here
@@ -89,11 +99,11 @@ def _read_alike(part: dict[str, Any], keys: dict[str, Any]) -> bool:
             warnings.simplefilter("ignore")
             try:
                 alone = read(part)
-            except (KeyError, ValueError, TypeError):
+            except failures:
                 return True
             try:
                 return read({**part, **keys}) == alone
-            except (KeyError, ValueError, TypeError):
+            except failures:
                 return False
     finally:
         logging.set_verbosity(level)
