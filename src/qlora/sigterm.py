@@ -48,8 +48,9 @@ def interrupts_kept() -> Iterator[None]:
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        handled = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))]
-        if isinstance(unraisable.exc_value, KeyboardInterrupt) and handled:
+        interrupt = isinstance(unraisable.exc_value, KeyboardInterrupt)
+        handled = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))] if interrupt else []
+        if handled:
             # from another thread, once this hook has returned: its handler runs at the main thread's next
             # instruction, which here would still be in this hook (and the interrupt be dropped again)
             _thread.start_new_thread(_interrupt_main_soon, (handled[0],))

@@ -275,8 +275,8 @@ def _note_system_column_unused(records: list[Record], examples: list[Example]) -
     and the column not read, as LLaMA-Factory's ShareGPT reader and axolotl's chat_template read such rows (a
     conversation without a system turn first has the column put there)."""
     unused = [r.where for r, e in zip(records, examples) if not _glaive(r.fields) and e.messages
-              and isinstance(r.fields.get("system"), str) and r.fields["system"].strip()
-              and e.messages[0]["role"] in _SYSTEM_ROLES and e.messages[0].get("content") != r.fields["system"]]
+              and _system_prompt(r.fields) and e.messages[0]["role"] in _SYSTEM_ROLES
+              and e.messages[0].get("content") != r.fields["system"]]
     if unused:
         many = f" (and {len(unused) - 1} more rows)" if len(unused) > 1 else ""
         print(f'qlora: {unused[0]}{many}: a "system" column beside a conversation that begins with a different '
@@ -353,8 +353,8 @@ def _conversation(fields: dict[str, Any], key: str, where: str, names: FieldMap,
         raw = [{"role": role, "content": m[k]} for m in raw
                for role, k in zip(("user", "assistant"), _exchange_keys(m))]
     messages = [_message(m, f"{where}, message {i}", names, fmt) for i, m in enumerate(raw)]
-    system = fields.get("system")  # LLaMA-Factory's system column: first, unless the conversation begins with its own
-    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] in _SYSTEM_ROLES):
+    system = _system_prompt(fields)  # LLaMA-Factory's system column: first, unless the conversation begins with its own
+    if system is not None and not (messages and messages[0]["role"] in _SYSTEM_ROLES):
         messages.insert(0, {"role": "system", "content": system})
     return Example(tuple(messages), None, where, tools=row_tools(fields, where))
 
@@ -414,7 +414,7 @@ def _prompt_completion(fields: dict[str, Any], where: str, names: FieldMap, chat
                              "(format prompt-completion).")
     prompt_m, completion_m = turns
     system = _system_prompt(fields)
-    if system is not None and not any(m["role"] in ("system", "developer") for m in prompt_m):
+    if system is not None and not any(m["role"] in _SYSTEM_ROLES for m in prompt_m):
         prompt_m.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "assistant" for m in completion_m):
         raise UsageError(f'{where}: "completion" has no assistant message; it is what the model learns to write.')
